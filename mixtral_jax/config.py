@@ -1,0 +1,205 @@
+"""Experiment configuration: defaults for every field, and validation that names the bad field.
+
+An experiment file in `experiments/` starts from `default_config()` and overrides what it needs.
+Model families differ by these values only; no code branches on a model's name.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+ATTENTION_TYPES = ("full", "swa", "lightning", "msa", "moba")
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity")
+QK_NORMS = ("none", "full", "per_head")
+ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", None)
+MSA_SELECTIONS = ("max_heads", "per_group")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  """A small MoE transformer; every field the model reads is here."""
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 256
+  m.d_model = 64
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 16
+  m.rotary_dim = 16            # partial rotary: the first rotary_dim dims of each head rotate
+  m.rope_theta = 10_000.0
+  m.qk_norm = "none"           # none | full (M2: one RMSNorm over all heads) | per_head (M3/Gemma)
+  m.norm_eps = 1e-6
+  m.norm_zero_centered = False # RMSNorm scale stored as w - 1 (Gemma3 / MiniMax-M3)
+  m.tie_embeddings = False
+  m.num_dense_layers = 0       # first layers use a dense SwiGLU MLP instead of the MoE block
+  m.mlp_dim = 128              # ffn width of the dense layers
+  # One entry per layer, or a period repeated to num_layers ([lightning]*7 + [full]).
+  m.attention_pattern = ("full",)
+  m.attention_impl = "xla"     # xla | pallas_tpu | pallas_triton | pallas_mosaic_gpu | None (best)
+  m.window = 64                # swa: each query sees itself and the window-1 keys before it
+  m.lightning_block = 64       # lightning: block size of the intra/inter-block training form
+  m.msa = ml_collections.ConfigDict(dict(
+      block_size=128,          # tokens per KV block (M3: 128)
+      top_k=16,                # selected blocks per query (M3: 16), the query's own block included
+      index_head_dim=128,      # one shared index key per token, one index query per GQA group
+      index_rotary_dim=64,
+      local_blocks=1,          # blocks ending at the query's own block, always kept (HF: 1)
+      selection="per_group",   # per_group: top-k per GQA group (MSA paper; transformers 5.x
+                               # reference); max_heads: max over index heads, then one top-k
+      kl_loss_weight=0.0,      # weight of the indexer KL loss in the training loss
+  ))
+  m.moba = ml_collections.ConfigDict(dict(block_size=64, top_k=4))
+  m.moe = ml_collections.ConfigDict(dict(
+      num_experts=4,
+      top_k=2,
+      expert_dim=64,
+      router="softmax",          # softmax (Mixtral) | sigmoid (M2/M3/DeepSeek-V3)
+      normalize_topk=True,       # renormalize the selected weights to sum to 1
+      routed_scaling_factor=1.0, # M2 1.0, M3 2.0, DeepSeek-V3 2.5
+      use_bias=False,            # aux-loss-free balancing: bias changes which experts, not weights
+      bias_update_rate=1e-3,     # u in bias_i += u * sign(mean_load - load_i)
+      num_shared_experts=0,
+      shared_expert_dim=64,
+      dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
+      capacity_factor=1.25,
+      aux_loss_weight=0.0,       # sequence-wise balance loss
+      z_loss_weight=0.0,         # router z-loss
+  ))
+  m.dtype = "float32"          # compute dtype (bfloat16 with float32 master weights)
+  m.param_dtype = "float32"
+  m.remat = False
+  m.scan_layers = False
+  return m
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_defaults()
+  # Mesh axis sizes; -1 takes the devices left over.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100,
+      batch_size=8,
+      seq_len=128,
+      learning_rate=3e-3,
+      warmup_steps=10,
+      end_lr_fraction=0.1,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.95,
+      grad_clip=1.0,
+      log_every=10,
+      checkpoint_every=50,
+      max_to_keep=3,
+      async_checkpointing=True,
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      # Task name -> sampling weight; see mixtral_jax.data.tasks.TASKS.
+      tasks={"mqar": 1.0},
+      text_files=(),             # byte-level text dataset from these files (globs allowed)
+      num_workers=0,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      tasks=("mqar",),
+      lengths=(128,),
+      num_examples=64,
+      batch_size=16,
+      perplexity=True,
+  ))
+  return c
+
+
+def pattern_for_layers(pattern, num_layers: int) -> tuple[str, ...]:
+  """Repeats `attention_pattern` to one attention type per layer."""
+  pattern = tuple(pattern)
+  return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field."""
+
+
+def _fail(field: str, msg: str):
+  raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_len: int | None = None):
+  """Checks a model config; raises ConfigError naming the field. Runs before anything compiles."""
+  def pos(name):
+    v = m[name]
+    if not isinstance(v, int) or v <= 0:
+      _fail(f"{prefix}.{name}", f"must be a positive integer, got {v!r}")
+
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    pos(name)
+  if m.num_heads % m.num_kv_heads:
+    _fail(f"{prefix}.num_heads",
+          f"{m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}")
+  if not 0 <= m.rotary_dim <= m.head_dim or m.rotary_dim % 2:
+    _fail(f"{prefix}.rotary_dim", f"must be even and in [0, head_dim={m.head_dim}], got {m.rotary_dim}")
+  if m.qk_norm not in QK_NORMS:
+    _fail(f"{prefix}.qk_norm", f"unknown {m.qk_norm!r}; expected one of {QK_NORMS}")
+  if m.attention_impl not in ATTENTION_IMPLS:
+    _fail(f"{prefix}.attention_impl", f"unknown {m.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+  if not 0 <= m.num_dense_layers <= m.num_layers:
+    _fail(f"{prefix}.num_dense_layers", f"must be in [0, num_layers={m.num_layers}]")
+  if not len(m.attention_pattern):
+    _fail(f"{prefix}.attention_pattern", "is empty")
+  for t in m.attention_pattern:
+    if t not in ATTENTION_TYPES:
+      _fail(f"{prefix}.attention_pattern", f"unknown attention type {t!r}; expected one of {ATTENTION_TYPES}")
+  types = set(pattern_for_layers(m.attention_pattern, m.num_layers))
+  if "swa" in types:
+    if m.window <= 0:
+      _fail(f"{prefix}.window", f"must be positive, got {m.window}")
+    if seq_len is not None and m.window > seq_len:
+      _fail(f"{prefix}.window", f"window {m.window} is longer than the training sequence ({seq_len})")
+  if "lightning" in types and m.lightning_block <= 0:
+    _fail(f"{prefix}.lightning_block", f"must be positive, got {m.lightning_block}")
+  if "msa" in types:
+    if m.msa.block_size <= 0:
+      _fail(f"{prefix}.msa.block_size", f"must be positive, got {m.msa.block_size}")
+    if m.msa.top_k <= 0:
+      _fail(f"{prefix}.msa.top_k", f"must be positive, got {m.msa.top_k}")
+    if m.msa.selection not in MSA_SELECTIONS:
+      _fail(f"{prefix}.msa.selection", f"unknown {m.msa.selection!r}; expected one of {MSA_SELECTIONS}")
+    if m.msa.index_rotary_dim > m.msa.index_head_dim or m.msa.index_rotary_dim % 2:
+      _fail(f"{prefix}.msa.index_rotary_dim", "must be even and <= msa.index_head_dim")
+  if "moba" in types and (m.moba.block_size <= 0 or m.moba.top_k <= 0):
+    _fail(f"{prefix}.moba", "block_size and top_k must be positive")
+  e = m.moe
+  if m.num_dense_layers < m.num_layers:
+    if e.num_experts <= 0:
+      _fail(f"{prefix}.moe.num_experts", f"must be positive, got {e.num_experts}")
+    if not 0 < e.top_k <= e.num_experts:
+      _fail(f"{prefix}.moe.top_k", f"top_k={e.top_k} must be in [1, num_experts={e.num_experts}]")
+    if e.router not in ROUTERS:
+      _fail(f"{prefix}.moe.router", f"unknown {e.router!r}; expected one of {ROUTERS}")
+    if e.dispatch not in DISPATCHES:
+      _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
+    if e.dispatch == "capacity" and e.capacity_factor <= 0:
+      _fail(f"{prefix}.moe.capacity_factor", f"must be positive, got {e.capacity_factor}")
+  for name in ("dtype", "param_dtype"):
+    if m[name] not in ("float32", "bfloat16", "float16"):
+      _fail(f"{prefix}.{name}", f"unsupported dtype {m[name]!r}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
+  """Checks a whole experiment config; raises ConfigError naming the field."""
+  validate_model(config.model, seq_len=config.train.seq_len)
+  t = config.train
+  for name in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "max_to_keep"):
+    if not isinstance(t[name], int) or t[name] <= 0:
+      _fail(f"train.{name}", f"must be a positive integer, got {t[name]!r}")
+  if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+    _fail("train.warmup_steps", f"must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+  if t.learning_rate <= 0:
+    _fail("train.learning_rate", f"must be positive, got {t.learning_rate}")
+  if num_devices is not None:
+    from mixtral_jax import sharding  # late import: config must not pull in jax devices
+    shape = sharding.mesh_shape(config.mesh, num_devices)
+    data_par = shape["data"] * shape["fsdp"]
+    if t.batch_size % data_par:
+      _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")
+  if not config.data.tasks and not config.data.text_files:
+    _fail("data.tasks", "no tasks and no text_files: nothing to train on")

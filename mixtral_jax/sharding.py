@@ -1,0 +1,104 @@
+"""The device mesh and the one place where logical axis names map to mesh axes.
+
+Model code names tensor dimensions by role ("embed", "mlp", "expert", ...) and never names mesh
+axes. `RULES` below decides how each role is split over the mesh axes data/fsdp/expert/tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "expert": "expert",
+    "expert_mlp": "tensor",
+    "index_dim": None,
+    "layers": None,
+    None: None,
+}
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+  """PartitionSpec for a tensor whose dimensions have these logical names."""
+  axes = []
+  used = set()
+  for n in names:
+    if n not in RULES:
+      raise ValueError(f"unknown logical axis name {n!r}; add it to sharding.RULES")
+    a = RULES[n]
+    # A mesh axis can split only one dimension of a tensor.
+    flat = (a,) if isinstance(a, str) else (a or ())
+    if any(x in used for x in flat):
+      a = None
+    else:
+      used.update(flat)
+    axes.append(a)
+  return P(*axes)
+
+
+def partitioned(init, *names: str | None):
+  """Wraps an initializer so the parameter is created sharded by its logical `names`.
+
+  Outside a mesh (unit tests on one device) the initializer is returned unchanged.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return init
+  return nnx.with_partitioning(init, tuple(logical_to_spec(names)))
+
+
+def constrain(x, *names: str | None):
+  """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Resolves the -1 entry of the mesh config; raises ConfigError naming the field."""
+  from mixtral_jax.config import ConfigError
+
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f"config.mesh.{a}: must be positive or -1, got {s}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"config.mesh.{free[0]}: the other axes ({fixed} devices) do not divide the "
+          f"device count {num_devices}")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f"config.mesh: axes multiply to {fixed} devices but {num_devices} are present")
+  return sizes
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """A mesh with axes (data, fsdp, expert, tensor) sized by the config."""
+  devices = devices if devices is not None else jax.devices()
+  sizes = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(
+      tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+      axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def named(mesh, *names: str | None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names))

@@ -1,0 +1,42 @@
+"""mixtral_jax: sparse Mixture-of-Experts language models and their attention in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="mixtral_jax",
+    version="0.1.0",
+    description="Flax NNX Mixture-of-Experts LMs (Mixtral, MiniMax M2/M3) with Pallas block-sparse attention",
+    python_requires=">=3.11",
+    packages=(
+        setuptools.find_packages(include=["mixtral_jax", "mixtral_jax.*"])
+        + ["mixtral_jax.kernels"]
+        + ["mixtral_jax.kernels." + p for p in setuptools.find_packages("kernels")]
+    ),
+    # kernels/ lives at the top of the repo but installs as mixtral_jax.kernels: a top-level
+    # package named `kernels` would collide with an existing PyPI package.
+    package_dir={"mixtral_jax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "grain",
+        "tensorboardX",
+        "tqdm",
+        "matplotlib",
+        "absl-py",
+        "numpy",
+        "safetensors",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "chex",
+            "torch==2.13.0",
+            "transformers>=5",
+        ],
+        "tpu": ["jax[tpu]"],
+    },
+)
