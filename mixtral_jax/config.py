@@ -30,6 +30,13 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.norm_zero_centered = False # RMSNorm scale stored as w - 1 (Gemma3 / MiniMax-M3)
   m.tie_embeddings = False
+  # Residual form: x + attn(norm(x)) by default. MiniMax-01 ("post_norm_residual") carries the
+  # normed input as the residual and scales both branches: alpha * norm(x) + beta * attn(norm(x)).
+  m.post_norm_residual = False
+  m.residual_scales = ml_collections.ConfigDict(dict(
+      full_alpha=1.0, full_beta=1.0,            # softmax-attention layers (full/swa/msa/moba)
+      lightning_alpha=1.0, lightning_beta=1.0,  # lightning layers
+      mlp_alpha=1.0, mlp_beta=1.0))
   m.num_dense_layers = 0       # first layers use a dense SwiGLU MLP instead of the MoE block
   m.mlp_dim = 128              # ffn width of the dense layers
   # One entry per layer, or a period repeated to num_layers ([lightning]*7 + [full]).
