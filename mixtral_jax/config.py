@@ -39,6 +39,11 @@ def model_defaults() -> ml_collections.ConfigDict:
       mlp_alpha=1.0, mlp_beta=1.0))
   m.num_dense_layers = 0       # first layers use a dense SwiGLU MLP instead of the MoE block
   m.mlp_dim = 128              # ffn width of the dense layers
+  # Gated activation of every MLP and expert: swiglu = silu(gate) * up; swiglu_clamped (GPT-OSS,
+  # MiniMax-M3) = clamp(gate) * sigmoid(alpha * clamp(gate)) * (clamp(up) + 1).
+  m.mlp_activation = "swiglu"
+  m.swiglu_alpha = 1.702
+  m.swiglu_limit = 7.0
   # One entry per layer, or a period repeated to num_layers ([lightning]*7 + [full]).
   m.attention_pattern = ("full",)
   m.attention_impl = "xla"     # xla | pallas_tpu | pallas_triton | pallas_mosaic_gpu | None (best)
@@ -186,6 +191,8 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
     if e.dispatch == "capacity" and e.capacity_factor <= 0:
       _fail(f"{prefix}.moe.capacity_factor", f"must be positive, got {e.capacity_factor}")
+  if m.mlp_activation not in ("swiglu", "swiglu_clamped"):
+    _fail(f"{prefix}.mlp_activation", f"unknown {m.mlp_activation!r}; expected swiglu or swiglu_clamped")
   for name in ("dtype", "param_dtype"):
     if m[name] not in ("float32", "bfloat16", "float16"):
       _fail(f"{prefix}.{name}", f"unsupported dtype {m[name]!r}")

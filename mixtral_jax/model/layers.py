@@ -77,18 +77,31 @@ def apply_rope(x_BTNH, cos_BTR, sin_BTR):
   return jnp.concatenate([out, x_pass], axis=-1).astype(dtype)
 
 
+def gated_activation(gate, up, kind: str = "swiglu", alpha: float = 1.702, limit: float = 7.0):
+  """The gated MLP nonlinearity (see config.mlp_activation)."""
+  if kind == "swiglu":
+    return jax.nn.silu(gate) * up
+  if kind == "swiglu_clamped":
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return gate * jax.nn.sigmoid(gate * alpha) * (up + 1.0)
+  raise ValueError(f"unknown activation {kind!r}")
+
+
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x), up(x))), act from `gated_activation`."""
 
   def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, activation: str = "swiglu", alpha: float = 1.702,
+               limit: float = 7.0):
+    self.activation = (activation, alpha, limit)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.gate = Linear((d_model, hidden), ("embed", "mlp"), "BTD,DF->BTF", **kw)
     self.up = Linear((d_model, hidden), ("embed", "mlp"), "BTD,DF->BTF", **kw)
     self.down = Linear((hidden, d_model), ("mlp", "embed"), "BTF,FD->BTD", **kw)
 
   def __call__(self, x_BTD):
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+    return self.down(gated_activation(self.gate(x_BTD), self.up(x_BTD), *self.activation))
 
 
 class Embed(nnx.Module):
