@@ -10,10 +10,12 @@ setuptools.setup(
         setuptools.find_packages(include=["mixtral_jax", "mixtral_jax.*"])
         + ["mixtral_jax.kernels"]
         + ["mixtral_jax.kernels." + p for p in setuptools.find_packages("kernels")]
+        + ["mixtral_jax.experiments"]
     ),
-    # kernels/ lives at the top of the repo but installs as mixtral_jax.kernels: a top-level
-    # package named `kernels` would collide with an existing PyPI package.
-    package_dir={"mixtral_jax.kernels": "kernels"},
+    # kernels/ and experiments/ live at the top of the repo but install as mixtral_jax.kernels and
+    # mixtral_jax.experiments: a top-level package named `kernels` would collide with an existing
+    # PyPI package, and experiment files import each other (the M2 variants build on M2).
+    package_dir={"mixtral_jax.kernels": "kernels", "mixtral_jax.experiments": "experiments"},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

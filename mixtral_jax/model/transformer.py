@@ -1,0 +1,144 @@
+"""The decoder-only MoE transformer: embedding, a stack of blocks, final norm, LM head.
+
+Each block is attention (type from `cfg.attention_pattern`) then a dense SwiGLU MLP (the first
+`cfg.num_dense_layers` layers) or the MoE block. Families differ by config values only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import pattern_for_layers
+from mixtral_jax.model import layers
+from mixtral_jax.model.attention import make_attention
+from mixtral_jax.model.moe import MoE
+from mixtral_jax.sharding import constrain
+
+
+class Block(nnx.Module):
+  """norm -> attention -> residual -> norm -> MLP or MoE -> residual."""
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+    dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    norm = dict(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, rngs=rngs,
+                param_dtype=param_dtype)
+    self.attn_type = pattern_for_layers(cfg.attention_pattern, cfg.num_layers)[layer_idx]
+    self.input_norm = layers.RMSNorm(cfg.d_model, **norm)
+    self.attn = make_attention(cfg, self.attn_type, layer_idx=layer_idx, rngs=rngs)
+    self.post_attn_norm = layers.RMSNorm(cfg.d_model, **norm)
+    self.is_moe = layer_idx >= cfg.num_dense_layers
+    if self.is_moe:
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = layers.MLP(cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                            activation=cfg.mlp_activation, alpha=cfg.swiglu_alpha,
+                            limit=cfg.swiglu_limit)
+    s = cfg.residual_scales
+    kind = "lightning" if self.attn_type == "lightning" else "full"
+    self.attn_scales = (float(s[f"{kind}_alpha"]), float(s[f"{kind}_beta"]))
+    self.mlp_scales = (float(s.mlp_alpha), float(s.mlp_beta))
+    self.post_norm_residual = bool(cfg.post_norm_residual)
+
+  def _residual(self, x, normed, out, scales):
+    alpha, beta = scales
+    base = normed if self.post_norm_residual else x
+    if (alpha, beta) == (1.0, 1.0):
+      return base + out
+    return base * alpha + out * beta
+
+  def __call__(self, x_BTD, positions_BT, cache=None):
+    """Returns (x_BTD, cache, aux) with aux = {"load": f32[E] or None, "losses": {...}}."""
+    h = self.input_norm(x_BTD)
+    a, cache, losses = self.attn(h, positions_BT, cache)
+    x_BTD = self._residual(x_BTD, h, a, self.attn_scales)
+    h = self.post_attn_norm(x_BTD)
+    load = None
+    if self.is_moe:
+      m, moe_aux = self.mlp(h)
+      load = moe_aux["load"]
+      losses = {**losses, **moe_aux["losses"]}
+    else:
+      m = self.mlp(h)
+    x_BTD = self._residual(x_BTD, h, m, self.mlp_scales)
+    return constrain(x_BTD, "batch", "length", "embed"), cache, {"load": load, "losses": losses}
+
+
+class Transformer(nnx.Module):
+  """model(tokens_BT) -> float32 logits [B, T, V]; model.forward(...) adds the cache and aux."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps,
+                                     zero_centered=cfg.norm_zero_centered, rngs=rngs,
+                                     param_dtype=param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.Linear((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                   "BTD,DV->BTV", rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, tokens_BT):
+    return self.forward(tokens_BT)[0]
+
+  def forward(self, tokens_BT, positions_BT=None, cache=None):
+    """Full causal forward (cache None) or an incremental step over a cache.
+
+    tokens_BT: int32 [B, T]. positions_BT: int32 [B, T], default 0..T-1 (with a cache: the
+    absolute positions of these tokens). Returns (logits f32 [B, T, V], cache, aux) with
+    aux = {"load": f32 [L_moe, E], "losses": {name: scalar summed over layers}}.
+    """
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x_BTD = constrain(self.embed(tokens_BT), "batch", "length", "embed")
+    new_cache, loads, losses = [], [], {}
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      if self.cfg.remat and cache is None:
+        x_BTD, layer_cache, aux = nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, positions_BT)
+      else:
+        x_BTD, layer_cache, aux = block(x_BTD, positions_BT, layer_cache)
+      new_cache.append(layer_cache)
+      if aux["load"] is not None:
+        loads.append(aux["load"])
+      for name, value in aux["losses"].items():
+        losses[name] = losses.get(name, 0.0) + value
+    x_BTD = self.final_norm(x_BTD)
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(x_BTD)
+    else:
+      logits = self.lm_head(x_BTD)
+    logits = constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
+    load = jnp.stack(loads) if loads else jnp.zeros((0, self.cfg.moe.num_experts), jnp.float32)
+    return logits, (None if cache is None else new_cache), {"load": load, "losses": losses}
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[Any]:
+    """One cache per layer, sized for `max_len` positions."""
+    dtype = dtype or layers.dtype_of(self.cfg.dtype)
+    return [block.attn.init_cache(batch, max_len, dtype) for block in self.layers]
+
+
+def count_params(model_or_state, cfg) -> dict[str, int]:
+  """Total parameters, and active per token (top_k of the routed experts), both with and
+  without the embedding tables."""
+  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+  total = embed = routed = 0
+  for path, v in nnx.to_flat_state(state):
+    x = v.get_value() if hasattr(v, "get_value") else v  # arrays or ShapeDtypeStructs (eval_shape)
+    n = math.prod(x.shape)
+    total += n
+    keys = [str(k) for k in path]
+    if keys[0] in ("embed", "lm_head"):
+      embed += n
+    if any(k in ("gate_proj", "up_proj", "down_proj") for k in keys):  # the routed experts' stacks
+      routed += n
+  e = cfg.moe
+  active = total - routed + (routed * e.top_k // e.num_experts if e.num_experts else 0)
+  return dict(total=total, active=active, total_no_embed=total - embed,
+              active_no_embed=active - embed)
