@@ -1,0 +1,194 @@
+"""Pieces shared by the softmax attention variants (full, swa, moba, msa).
+
+- `SoftmaxAttentionBase`: q/k/v/o projections (HF names), QK-norm and partial rotary.
+- `attention_core`: causal GQA softmax attention with an optional sliding window and an optional
+  per-query block selection. Every variant describes its mask with these few structured
+  arguments (positions, window, block mask) instead of a dense mask, so a block-sparse kernel
+  (`mixtral_jax.kernels.block_sparse_attention`) can replace the XLA path behind the same call.
+- `softmax_attention`: the plain dense reference (explicit boolean mask).
+- `select_blocks` / `block_mask_from_indices` / `expand_block_mask`: block selection helpers
+  (top-k over block scores, HF index lists <-> boolean block masks).
+- `KVCache`: linear key/value cache written at the chunk's first position.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mixtral_jax.model import layers
+
+# Positions of unwritten cache slots: larger than any real position, so causality hides them.
+EMPTY_POSITION = 2 ** 30
+XLA_IMPLS = ("xla", None)
+
+
+@struct.dataclass
+class KVCache:
+  """Keys/values of every position so far; slot s holds position s."""
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+
+  @classmethod
+  def zeros(cls, batch, max_len, num_kv_heads, head_dim, dtype):
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def write(self, k_BTKH, v_BTKH, start):
+    """Writes T new positions starting at slot `start` (a traced scalar is fine)."""
+    idx = (0, start, 0, 0)
+    return self.replace(
+        k_BSKH=jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), idx),
+        v_BSKH=jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), idx))
+
+  @property
+  def positions_1S(self):
+    return jnp.arange(self.k_BSKH.shape[1], dtype=jnp.int32)[None]
+
+
+class SoftmaxAttentionBase(nnx.Module):
+  """Projections, QK-norm and rope shared by the softmax attention variants.
+
+  qk_norm 'full' (MiniMax-M2): one RMSNorm over the whole q projection [N*H] and one over k [K*H].
+  qk_norm 'per_head' (MiniMax-M3 / Gemma): one RMSNorm over head_dim, shared by all heads.
+  Both use zero-centered weights (scale 1 + w) when cfg.norm_zero_centered.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.dtype = layers.dtype_of(cfg.dtype)
+    kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=layers.dtype_of(cfg.param_dtype))
+    self.q_proj = layers.Linear((d, n, h), ("embed", "heads", "head_dim"), "BTD,DNH->BTNH", **kw)
+    self.k_proj = layers.Linear((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", **kw)
+    self.v_proj = layers.Linear((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", **kw)
+    self.o_proj = layers.Linear((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", **kw)
+    nkw = dict(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, rngs=rngs,
+               param_dtype=layers.dtype_of(cfg.param_dtype))
+    if cfg.qk_norm == "full":
+      self.q_norm = layers.RMSNorm(n * h, names=("heads",), **nkw)
+      self.k_norm = layers.RMSNorm(k * h, names=("kv_heads",), **nkw)
+    elif cfg.qk_norm == "per_head":
+      self.q_norm = layers.RMSNorm(h, names=("head_dim",), **nkw)
+      self.k_norm = layers.RMSNorm(h, names=("head_dim",), **nkw)
+    else:
+      self.q_norm = self.k_norm = None
+    self.scale = h ** -0.5
+
+  def rope(self, positions_BT):
+    """cos, sin [B, T, rotary_dim] of the main attention."""
+    return layers.rope_cos_sin(positions_BT, self.cfg.rotary_dim, self.cfg.rope_theta)
+
+  def qkv(self, x_BTD, positions_BT):
+    """Returns q [B,T,N,H], k [B,T,K,H], v [B,T,K,H]: normed (per cfg.qk_norm) and rotated."""
+    q_BTNH, k_BTKH, v_BTKH = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+    if self.cfg.qk_norm == "full":
+      # M2 normalizes the concatenated heads before splitting them.
+      q_BTNH = self.q_norm(q_BTNH.reshape(*q_BTNH.shape[:2], -1)).reshape(q_BTNH.shape)
+      k_BTKH = self.k_norm(k_BTKH.reshape(*k_BTKH.shape[:2], -1)).reshape(k_BTKH.shape)
+    elif self.cfg.qk_norm == "per_head":
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    cos, sin = self.rope(positions_BT)
+    return layers.apply_rope(q_BTNH, cos, sin), layers.apply_rope(k_BTKH, cos, sin), v_BTKH
+
+  def init_cache(self, batch: int, max_len: int, dtype=None):
+    return KVCache.zeros(batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
+                         dtype or self.dtype)
+
+
+def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, scale=None, return_probs=False):
+  """Plain dense GQA softmax attention: the reference every other path must match.
+
+  mask: bool, True = may attend, broadcastable to [B, K, G, T, S] (e.g. [B, 1, 1, T, S] or
+  [B, K, 1, T, S]). Every query row must keep at least one key. Logits and softmax in float32.
+  Returns y [B, T, N, H] in q's dtype (and the probabilities [B, K, G, T, S] if return_probs).
+  """
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask, logits, -jnp.inf)
+  probs_BKGTS = jax.nn.softmax(logits, axis=-1)
+  y_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+  y_BTNH = y_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
+  return (y_BTNH, probs_BKGTS) if return_probs else y_BTNH
+
+
+def token_mask(q_positions_BT, k_positions_BS, *, window=None, block_mask_BKTC=None,
+               block_kv=None):
+  """Boolean mask [B, K or 1, T, S]: causal by position, optional window, optional blocks.
+
+  window W: query at p sees keys at p-W < j <= p. block_mask_BKTC: per query, which key
+  blocks (block c = key slots [c*block_kv, (c+1)*block_kv)) it may attend to.
+  """
+  qp = q_positions_BT[:, None, :, None]
+  kp = k_positions_BS[:, None, None, :]
+  mask = kp <= qp
+  if window is not None:
+    mask &= kp > qp - window
+  if block_mask_BKTC is not None:
+    mask = mask & expand_block_mask(block_mask_BKTC, block_kv, k_positions_BS.shape[-1])
+  return mask
+
+
+def attention_core(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, k_positions_BS, window=None,
+                   block_mask_BKTC=None, block_kv=None, implementation="xla"):
+  """Causal GQA softmax attention over keys at `k_positions_BS`, optionally windowed/block-sparse.
+
+  q [B,T,N,H]; k, v [B,S,K,H]; positions int32 (k_positions broadcastable to [B, S]; unwritten
+  cache slots carry EMPTY_POSITION). block_mask_BKTC bool [B, K, T, ceil(S / block_kv)]: the
+  key blocks each query of each kv group selected (its own block is always among them).
+  implementation: 'xla' (or None) builds the dense mask and calls `softmax_attention`; a Pallas
+  block-sparse kernel plugs in here, fed by the same block mask (rows of block_q queries).
+  Returns y [B, T, N, H].
+  """
+  if implementation not in XLA_IMPLS:
+    raise NotImplementedError(
+        f"attention implementation {implementation!r} is not available yet; use 'xla'")
+  k_positions_BS = jnp.broadcast_to(k_positions_BS, (q_BTNH.shape[0], k_BSKH.shape[1]))
+  mask_BKTS = token_mask(q_positions_BT, k_positions_BS, window=window,
+                         block_mask_BKTC=block_mask_BKTC, block_kv=block_kv)
+  return softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask_BKTS[:, :, None])
+
+
+def expand_block_mask(block_mask_BKTC, block_kv: int, num_keys: int):
+  """Block mask [B, K, T, C] -> token mask [B, K, T, S] (key slot s lies in block s // block_kv)."""
+  return jnp.repeat(block_mask_BKTC, block_kv, axis=-1)[..., :num_keys]
+
+
+def block_mask_from_indices(indices_BKTk, num_blocks: int):
+  """HF-style index lists (block ids, -1 = empty slot) -> bool block mask [B, K, T, num_blocks]."""
+  onehot = indices_BKTk[..., None] == jnp.arange(num_blocks)
+  return jnp.any(onehot & (indices_BKTk[..., None] >= 0), axis=-2)
+
+
+def select_blocks(scores_BKTC, q_positions_BT, *, block_size: int, top_k: int,
+                  local_blocks: int = 1):
+  """Top-k key blocks per query row, as HF's MiniMax-M3 indexer chooses them.
+
+  scores_BKTC: float32 block scores; blocks holding only future keys must already be -inf.
+  The `local_blocks` blocks ending at the query's own block get +inf (always kept); a block
+  whose score stays -inf is never selected. Returns (block_mask bool [B, K, T, C],
+  indices int32 [B, K, T, k] with -1 for unused slots: the HF / kernel index-list format).
+  """
+  c = scores_BKTC.shape[-1]
+  q_block_BT = q_positions_BT // block_size
+  local_BTC = jnp.zeros(q_block_BT.shape + (c,), bool)
+  for i in range(local_blocks):
+    local_BTC |= jnp.maximum(q_block_BT - i, 0)[..., None] == jnp.arange(c)
+  scores_BKTC = jnp.where(local_BTC[:, None], jnp.inf, scores_BKTC)
+  top_scores, indices = jax.lax.top_k(scores_BKTC, min(top_k, c))
+  indices = jnp.where(top_scores == -jnp.inf, -1, indices).astype(jnp.int32)
+  return block_mask_from_indices(indices, c), indices
+
+
+def pad_to_blocks(x, block: int, axis: int, value=0):
+  """Pads `axis` up to a multiple of `block`."""
+  pad = -x.shape[axis] % block
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)

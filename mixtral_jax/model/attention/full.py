@@ -1,0 +1,20 @@
+"""Causal GQA softmax attention over every earlier position (MiniMax-M2 / Mixtral style)."""
+from __future__ import annotations
+
+from mixtral_jax.model.attention.common import KVCache, SoftmaxAttentionBase, attention_core
+
+
+class FullAttention(SoftmaxAttentionBase):
+  """y = o_proj(softmax(q k^T / sqrt(H) + causal) v); cache: `KVCache` with max_len slots."""
+
+  def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+    """x [B, T, D], positions int32 [B, T] -> (y [B, T, D], cache, {})."""
+    q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
+    if cache is None:
+      k_BSKH, v_BSKH, k_pos = k_BTKH, v_BTKH, positions_BT
+    else:
+      cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
+      k_BSKH, v_BSKH, k_pos = cache.k_BSKH, cache.v_BSKH, cache.positions_1S
+    y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
+                            k_positions_BS=k_pos, implementation=self.cfg.attention_impl)
+    return self.o_proj(y_BTNH), cache, {}
