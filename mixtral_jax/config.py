@@ -215,5 +215,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
     data_par = shape["data"] * shape["fsdp"]
     if t.batch_size % data_par:
       _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")
-  if not config.data.tasks and not config.data.text_files:
+  if not len(config.data.tasks) and not len(config.data.text_files):
     _fail("data.tasks", "no tasks and no text_files: nothing to train on")

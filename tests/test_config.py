@@ -1,0 +1,44 @@
+"""Config errors fail before anything compiles, with a message that names the field."""
+import pytest
+
+from mixtral_jax import config as config_lib
+from mixtral_jax.config import ConfigError
+
+
+def _cfg():
+  return config_lib.default_config()
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c.model.update(num_heads=6, num_kv_heads=4), "model.num_heads"),
+    (lambda c: c.model.update(attention_pattern=("swa",), window=1024), "model.window"),
+    (lambda c: c.model.update(attention_pattern=("full", "flash")), "model.attention_pattern"),
+    (lambda c: c.model.moe.update(top_k=5), "model.moe.top_k"),
+    (lambda c: c.model.moe.update(router="relu"), "model.moe.router"),
+    (lambda c: c.model.moe.update(dispatch="drop"), "model.moe.dispatch"),
+    (lambda c: c.model.update(rotary_dim=3), "model.rotary_dim"),
+    (lambda c: c.model.update(qk_norm="layer"), "model.qk_norm"),
+    (lambda c: c.model.update(attention_pattern=("msa",)) or c.model.msa.update(selection="x"),
+     "model.msa.selection"),
+    (lambda c: c.model.update(mlp_activation="gelu"), "model.mlp_activation"),
+    (lambda c: c.train.update(warmup_steps=1000), "train.warmup_steps"),
+    (lambda c: c.train.update(batch_size=6), "train.batch_size"),
+    (lambda c: c.mesh.update(data=3), "mesh"),
+    (lambda c: c.mesh.update(data=-1, tensor=3), "mesh.data"),
+    (lambda c: c.mesh.update(data=-1, tensor=-1), "mesh"),
+    (lambda c: setattr(c.data, "tasks", {}), "data.tasks"),
+])
+def test_config_errors_name_the_field(mutate, field):
+  c = _cfg()
+  mutate(c)
+  with pytest.raises(ConfigError, match=f"config\\.{field.replace('.', '[.]')}"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_default_config_is_valid():
+  config_lib.validate(_cfg(), num_devices=8)
+
+
+def test_pattern_repeats_to_layers():
+  assert config_lib.pattern_for_layers(("lightning",) * 3 + ("full",), 8) == (
+      ("lightning",) * 3 + ("full",)) * 2
