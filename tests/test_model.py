@@ -1,0 +1,102 @@
+"""The assembled Transformer: decode == forward for every attention variant, generation, and the
+parameter counts of the full-size configs through jax.eval_shape (no memory)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixtral_jax import config as config_lib
+from mixtral_jax.experiments import (minimax_m2, minimax_m2_lightning_hybrid, minimax_m2_swa_hybrid,
+                                     minimax_m3_msa, mixtral_8x7b)
+from mixtral_jax.model import generate
+from mixtral_jax.model.transformer import Transformer, count_params
+
+
+def tiny(pattern, **kw):
+  m = config_lib.model_defaults()
+  m.update(vocab_size=64, d_model=32, num_layers=len(pattern), num_heads=4, num_kv_heads=2,
+           head_dim=8, rotary_dim=4, mlp_dim=48, num_dense_layers=1, attention_pattern=pattern,
+           window=8, lightning_block=8)
+  m.msa.update(block_size=8, top_k=2, index_head_dim=8, index_rotary_dim=4)
+  m.moba.update(block_size=8, top_k=2)
+  m.moe.update(num_experts=4, top_k=2, expert_dim=16)
+  m.update(**kw)
+  config_lib.validate_model(m)
+  return m
+
+
+PATTERNS = {
+    "mixtral": dict(pattern=("full",)),
+    "m2": dict(pattern=("full",), qk_norm="full"),
+    "swa_hybrid": dict(pattern=("swa", "swa", "full")),
+    "lightning_hybrid": dict(pattern=("lightning", "lightning", "full")),
+    "msa": dict(pattern=("full", "msa", "msa"), qk_norm="per_head", norm_zero_centered=True),
+    "moba": dict(pattern=("full", "moba")),
+    "minimax01_residual": dict(pattern=("lightning", "full"), post_norm_residual=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_prefill_then_decode_equals_forward(name):
+  kw = dict(PATTERNS[name])
+  cfg = tiny(kw.pop("pattern"), **kw)
+  if name == "m2":
+    cfg.moe.update(router="sigmoid", use_bias=True)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  T, P = 40, 21  # long enough for MSA/MoBA to drop blocks and SWA to slide
+  tokens = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)
+  full = model(tokens)
+  logits, cache = generate.prefill(model, tokens[:, :P], max_len=T)
+  np.testing.assert_allclose(logits, full[:, :P], atol=2e-4, rtol=2e-4)
+  for t in range(P, T):
+    step_logits, cache = generate.decode_step(model, tokens[:, t:t + 1], t, cache)
+    np.testing.assert_allclose(step_logits, full[:, t], atol=2e-4, rtol=2e-4,
+                               err_msg=f"{name}: decode step at position {t}")
+
+
+def test_generate_greedy_matches_argmax_of_forward():
+  cfg = tiny(("swa", "full"))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  prompt = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+  out = generate.generate(model, prompt, 6)
+  for t in range(12, 18):  # each generated token is the argmax of the full forward on its prefix
+    np.testing.assert_array_equal(out[:, t], jnp.argmax(model(out[:, :t])[:, -1], -1))
+
+
+def test_top_p_sampling_keeps_only_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: generate.sample(logits, k, temperature=1.0, top_p=0.7))(
+      jax.random.split(jax.random.key(0), 400))
+  assert set(np.unique(draws).tolist()) == {0, 1}
+  greedy = generate.sample(logits, jax.random.key(0))
+  assert int(greedy[0]) == 0
+
+
+def _abstract_counts(cfg):
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  return count_params(model, cfg.model)
+
+
+@pytest.mark.parametrize("module, total, active, embed_free", [
+    # Mixtral 8x7B: 46.7B total / 12.9B active (with embeddings), as published.
+    (mixtral_8x7b, (46.6e9, 46.8e9), (12.8e9, 13.0e9), False),
+    # MiniMax-M2: 229.9B published includes multi-token-prediction modules that this model does not
+    # build; the 62 decoder layers and embeddings come to 228.7B. Active 9.8B without embeddings.
+    (minimax_m2, (228.6e9, 230.9e9), (9.75e9, 9.85e9), True),
+])
+def test_full_size_parameter_counts(module, total, active, embed_free):
+  cfg = module.get_config()
+  config_lib.validate(cfg)
+  counts = _abstract_counts(cfg)
+  a = counts["active_no_embed"] if embed_free else counts["active"]
+  assert total[0] < counts["total"] < total[1], counts
+  assert active[0] < a < active[1], counts
+
+
+@pytest.mark.parametrize("module", [minimax_m2_swa_hybrid, minimax_m2_lightning_hybrid, minimax_m3_msa])
+def test_full_size_variants_build_abstractly(module):
+  cfg = module.get_config()
+  config_lib.validate(cfg)
+  counts = _abstract_counts(cfg)
+  assert counts["total"] > 1e11 and counts["active"] < counts["total"] / 5
