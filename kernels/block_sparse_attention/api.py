@@ -1,0 +1,152 @@
+"""block_sparse_attention: one entry point over the reference and the Pallas kernels.
+
+Backend modules share one contract (pallas_tpu.py, pallas_triton.py, and mosaic_gpu.py, written
+separately):
+  mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale) -> (out [B,T,N,H], res)
+  mha_backward(q, k, v, out, res, do, mask_info, *, block_q, block_kv, causal, sm_scale) -> (dq, dk, dv)
+where `res` is whatever the forward saves for the backward (the log-sum-exp [B, N, T] f32 here) and
+mask_info is a `mask_info.MaskInfo` of the causally pruned block mask. pallas_tpu and pallas_triton
+also take `interpret`.
+"""
+import dataclasses
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+
+from . import mask_info as mask_info_lib
+from . import masks as masks_lib
+from . import reference
+
+IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu")
+_MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
+            "pallas_mosaic_gpu": "mosaic_gpu"}
+
+
+def _is_hopper():
+  try:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+  except RuntimeError:
+    return False
+
+
+def default_implementation(backend=None):
+  """Best implementation for `backend` (default: jax's default backend)."""
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "pallas_tpu"
+  if backend == "gpu":
+    if _is_hopper():
+      try:
+        _backend_module("pallas_mosaic_gpu")
+        return "pallas_mosaic_gpu"
+      except ImportError:
+        pass
+    return "pallas_triton"
+  return "xla"
+
+
+def _backend_module(implementation):
+  # Lazy: Triton/Mosaic-GPU imports are only needed when that path runs.
+  return importlib.import_module(f".{_MODULES[implementation]}", __package__)
+
+
+def _validate(q, k, v, block_mask, block_q, block_kv, implementation):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D [B, len, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+  b, t, n, h = q.shape
+  _, s, kh, _ = k.shape
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}")
+  if k.shape[0] != b or k.shape[3] != h:
+    raise ValueError(f"k shape {k.shape} must be [B={b}, S, K, H={h}] to match q {q.shape}")
+  if v.shape != k.shape:
+    raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
+  if kh == 0 or n % kh:
+    raise ValueError(f"q heads {n} must be a multiple of k/v heads {kh} (q {q.shape}, k {k.shape})")
+  for name, blk, length in (("block_q", block_q, t), ("block_kv", block_kv, s)):
+    if not isinstance(blk, int) or blk <= 0:
+      raise ValueError(f"{name} must be a positive int, got {blk!r}")
+    if length % blk:
+      raise ValueError(f"{name}={blk} must divide the sequence length {length}")
+  want = (b, kh, t // block_q, s // block_kv)
+  if tuple(getattr(block_mask, "shape", ())) != want:
+    raise ValueError(f"block_mask shape {getattr(block_mask, 'shape', None)} must be [B, K, T//block_q, "
+                     f"S//block_kv] = {want}")
+  if block_mask.dtype != jnp.bool_:
+    raise ValueError(f"block_mask must be bool, got dtype {block_mask.dtype}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  implementation: str
+  block_q: int
+  block_kv: int
+  causal: bool
+  sm_scale: float
+  interpret: bool
+
+  def kwargs(self):
+    kw = dict(block_q=self.block_q, block_kv=self.block_kv, causal=self.causal, sm_scale=self.sm_scale)
+    if self.implementation != "pallas_mosaic_gpu":
+      kw["interpret"] = self.interpret
+    return kw
+
+
+def _forward(q, k, v, block_mask, st):
+  info = mask_info_lib.make_mask_info(block_mask)
+  out = _backend_module(st.implementation).mha_forward(q, k, v, info, **st.kwargs())
+  out, res = out if isinstance(out, tuple) else (out, None)
+  return out, (q, k, v, out, res, info)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_attention(q, k, v, block_mask, st):
+  return _forward(q, k, v, block_mask, st)[0]
+
+
+def _kernel_attention_bwd(st, residuals, do):
+  q, k, v, out, res, info = residuals
+  dq, dk, dv = _backend_module(st.implementation).mha_backward(
+      q, k, v, out, res, do, info, **st.kwargs())
+  return dq, dk, dv, None  # block_mask is not differentiable
+
+
+_kernel_attention.defvjp(_forward, _kernel_attention_bwd)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, block_q, block_kv, causal=True, sm_scale=None,
+                           implementation=None, interpret=False):
+  """Attention computed only on the (query tile, key tile) pairs that block_mask selects.
+
+  Args:
+    q: [B, T, N, H] queries. k, v: [B, S, K, H] keys/values (N a multiple of K: query head n uses kv
+      head n // (N // K)). Same floating dtype.
+    block_mask: bool [B, K, T // block_q, S // block_kv]; True = compute that tile (see masks.py).
+    causal: also mask inside tiles: query i sees key j iff j <= i + S - T.
+    sm_scale: logit scale, default 1/sqrt(H).
+    implementation: 'xla' (pure jnp reference), 'pallas_tpu', 'pallas_triton', 'pallas_mosaic_gpu',
+      or None for the best on the current backend.
+    interpret: run Pallas kernels in interpret mode (CPU).
+  Returns:
+    [B, T, N, H] in q's dtype; query rows with no visible key are zero. Differentiable in q, k, v.
+  """
+  block_mask = jnp.asarray(block_mask) if not isinstance(block_mask, jax.Array) else block_mask
+  implementation = implementation or default_implementation()
+  _validate(q, k, v, block_mask, block_q, block_kv, implementation)
+  sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale)
+  if implementation == "xla":
+    return reference.block_sparse_attention_reference(
+        q, k, v, block_mask, block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale)
+  if causal:  # tiles wholly in the future hold nothing: drop them so kernels never visit them
+    t, s = q.shape[1], k.shape[1]
+    block_mask = block_mask & masks_lib.causal_block_mask(t, s, block_q=block_q, block_kv=block_kv)
+  st = _Static(implementation, block_q, block_kv, bool(causal), sm_scale, bool(interpret))
+  return _kernel_attention(q, k, v, block_mask, st)
