@@ -1,0 +1,194 @@
+"""Triton-backend (portable GPU) block-sparse attention: forward, dq and dk/dv kernels.
+
+Each program owns one (q tile, batch, head) -- or one kv tile for dk/dv -- and loops over that
+tile's list from `mask_info.MaskInfo` only (a dynamic trip count), loading kv (or q) tiles by index.
+dk/dv are computed per query head and summed over each GQA group outside the kernel.
+On a GPU block_q and block_kv should be powers of two >= 16; head_dim is zero-padded to one.
+"""
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from .reference import MASK_VALUE
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def _compiler_params(head_dim):
+  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def _pad_head(x, h_pad):
+  h = x.shape[-1]
+  return x if h == h_pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, h_pad - h)])
+
+
+def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, num_kv_heads,
+                nq, nk, block_q, block_kv, causal, sm_scale, offset):
+  i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  row = (b * num_kv_heads + n // groups) * nq + i
+  q = q_ref[...]
+  q_pos = i * block_q + offset + jnp.arange(block_q)
+
+  def body(jj, carry):
+    acc, m_prev, l_prev = carry
+    kv_block = kv_idx_ref[row * nk + jj]
+    k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
+    v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    if causal:
+      visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
+      s = jnp.where(visible, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.exp(s - m_next[:, None])
+    if causal:  # a row masked in every visited tile must keep l == 0
+      p = jnp.where(visible, p, 0.0)
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_next, l_next
+
+  init = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
+          jnp.full((block_q,), MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, kv_cnt_ref[row], body, init)
+  empty = l == 0.0
+  safe_l = jnp.where(empty, 1.0, l)
+  o_ref[...] = (acc * jnp.where(empty, 0.0, 1.0 / safe_l)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(safe_l))
+
+
+def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, interpret=False):
+  """q [B, T, N, H], k/v [B, S, K, H] -> (out [B, T, N, H], lse [B, N, T] f32; +inf on empty rows)."""
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  nq, nk = t // block_q, s // block_kv
+  groups = n // kh
+  hp = pl.next_power_of_2(h)
+  kernel = functools.partial(
+      _fwd_kernel, groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q,
+      block_kv=block_kv, causal=causal, sm_scale=sm_scale, offset=s - t)
+  q_spec = pl.BlockSpec((None, block_q, None, hp), lambda i, b_, n_: (b_, i, n_, 0))
+  kv_spec = pl.BlockSpec((None, s, None, hp), lambda i, b_, n_: (b_, 0, n_ // groups, 0))
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(nq, b, n),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), q_spec, kv_spec, kv_spec],
+      out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b_, n_: (b_, n_, i))],
+      out_shape=[jax.ShapeDtypeStruct((b, t, n, hp), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
+      compiler_params=_compiler_params(hp),
+      interpret=interpret,
+      name="block_sparse_attention_fwd_triton",
+  )(mask_info.kv_indices.reshape(-1), mask_info.kv_counts.reshape(-1),
+    *(_pad_head(x, hp) for x in (q, k, v)))
+  return out[..., :h], lse
+
+
+def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, *,
+               groups, num_kv_heads, nq, nk, block_q, block_kv, causal, sm_scale, offset):
+  i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  row = (b * num_kv_heads + n // groups) * nq + i
+  q, do = q_ref[...], do_ref[...]
+  lse, di = lse_ref[...][:, None], di_ref[...][:, None]
+  q_pos = i * block_q + offset + jnp.arange(block_q)
+
+  def body(jj, dq):
+    kv_block = kv_idx_ref[row * nk + jj]
+    k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
+    v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    p = jnp.exp(s - lse)
+    if causal:
+      visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
+      p = jnp.where(visible, p, 0.0)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - di)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  dq = lax.fori_loop(0, kv_cnt_ref[row], body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+  dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *,
+                groups, num_kv_heads, nq, nk, block_q, block_kv, causal, sm_scale, offset):
+  j, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  col = (b * num_kv_heads + n // groups) * nk + j
+  k, v = k_ref[...], v_ref[...]
+  k_pos = j * block_kv + jnp.arange(block_kv)
+
+  def body(rr, carry):
+    dk, dv = carry
+    q_block = q_idx_ref[col * nq + rr]
+    rows = pl.ds(q_block * block_q, block_q)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    lse, di = lse_ref[rows], di_ref[rows]
+    s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * sm_scale   # [bkv, bq]
+    p_t = jnp.exp(s_t - lse[None, :])
+    if causal:
+      q_pos = q_block * block_q + offset + jnp.arange(block_q)
+      p_t = jnp.where(k_pos[:, None] <= q_pos[None, :], p_t, 0.0)
+    dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+    ds_t = p_t * (dp_t - di[None, :])
+    dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  zeros = jnp.zeros((block_kv, k.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(0, q_cnt_ref[col], body, (zeros, zeros))
+  dk_ref[...] = dk * sm_scale
+  dv_ref[...] = dv
+
+
+def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal, sm_scale,
+                 interpret=False):
+  """Gradients (dq [B,T,N,H], dk, dv [B,S,K,H]) from the forward's out and lse [B, N, T]."""
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  nq, nk = t // block_q, s // block_kv
+  groups = n // kh
+  hp = pl.next_power_of_2(h)
+  do = do.astype(q.dtype)
+  di = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
+  q_, k_, v_, do_ = (_pad_head(x, hp) for x in (q, k, v, do))
+  static = dict(groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q, block_kv=block_kv,
+                causal=causal, sm_scale=sm_scale, offset=s - t)
+  params = _compiler_params(hp)
+
+  q_spec = pl.BlockSpec((None, block_q, None, hp), lambda i, b_, n_: (b_, i, n_, 0))
+  kv_full = pl.BlockSpec((None, s, None, hp), lambda i, b_, n_: (b_, 0, n_ // groups, 0))
+  row_spec = pl.BlockSpec((None, None, block_q), lambda i, b_, n_: (b_, n_, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, **static),
+      grid=(nq, b, n),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct((b, t, n, hp), q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dq_triton",
+  )(mask_info.kv_indices.reshape(-1), mask_info.kv_counts.reshape(-1), q_, k_, v_, do_, lse, di)
+
+  q_full = pl.BlockSpec((None, t, None, hp), lambda j, b_, n_: (b_, 0, n_, 0))
+  kv_spec = pl.BlockSpec((None, block_kv, None, hp), lambda j, b_, n_: (b_, j, n_ // groups, 0))
+  rows_full = pl.BlockSpec((None, None, t), lambda j, b_, n_: (b_, n_, 0))
+  part_spec = pl.BlockSpec((None, block_kv, None, hp), lambda j, b_, n_: (b_, j, n_, 0))
+  dk_part, dv_part = pl.pallas_call(
+      functools.partial(_dkv_kernel, **static),
+      grid=(nk, b, n),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), q_full, kv_spec, kv_spec, q_full, rows_full,
+                rows_full],
+      out_specs=[part_spec, part_spec],
+      out_shape=[jax.ShapeDtypeStruct((b, s, n, hp), jnp.float32)] * 2,
+      compiler_params=params,
+      interpret=interpret,
+      name="block_sparse_attention_dkv_triton",
+  )(mask_info.q_indices.reshape(-1), mask_info.q_counts.reshape(-1), q_, k_, v_, do_, lse, di)
+
+  def group_sum(x, dtype):  # per-query-head partials [B, S, N, Hp] -> [B, S, K, H]
+    return x.reshape(b, s, kh, groups, hp).sum(axis=3)[..., :h].astype(dtype)
+
+  return dq[..., :h], group_sum(dk_part, k.dtype), group_sum(dv_part, v.dtype)
