@@ -1,0 +1,139 @@
+"""Mixture-of-experts block: router, SwiGLU experts with stacked weights, optional shared experts.
+
+Dispatch (`cfg.moe.dispatch`):
+  dropless  sort the N*K token-expert assignments by expert, grouped matmuls with
+            `jax.lax.ragged_dot(group_sizes)`, unsort and weight-combine. No token is dropped.
+  capacity  each expert takes at most C = ceil(capacity_factor * N*K / E) assignments of the call's
+            N tokens; the rest are dropped (contribute 0). Priority: every token's 1st choice, in token
+            order, before any 2nd choice, and so on (GShard). One-hot dispatch/combine einsums.
+Both are differentiable with respect to the expert weights, the router kernel (through the gate
+weights) and the input. Under jit with a data-sharded batch the arrays are global, so the sort, the
+capacity and aux["load"] are over the whole global batch.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.model import router as router_lib
+from mixtral_jax.model.layers import MLP, default_init, dtype_of
+from mixtral_jax.sharding import partitioned
+
+
+def swiglu_experts_dense(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+  """Per-token reference: every token through its K experts, gathered weights. [N, D] float32."""
+  g = jnp.einsum("ND,NKDF->NKF", x_ND, gate_EDF[idx_NK])
+  u = jnp.einsum("ND,NKDF->NKF", x_ND, up_EDF[idx_NK])
+  y_NKD = jnp.einsum("NKF,NKFD->NKD", jax.nn.silu(g) * u, down_EFD[idx_NK])
+  return jnp.einsum("NKD,NK->ND", y_NKD.astype(jnp.float32), w_NK)
+
+
+def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+  """Sorted grouped matmul (ragged_dot). Returns y_ND float32 = sum_k w_nk * expert_{idx_nk}(x_n)."""
+  n, k = idx_NK.shape
+  e = gate_EDF.shape[0]
+  flat_M = idx_NK.reshape(-1)                        # M = N*K assignments, token-major
+  order_M = jnp.argsort(flat_M, stable=True)         # grouped by expert
+  group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
+  xs_MD = x_ND[order_M // k]
+  g_MF = jax.lax.ragged_dot(xs_MD, gate_EDF, group_sizes_E)
+  u_MF = jax.lax.ragged_dot(xs_MD, up_EDF, group_sizes_E)
+  ys_MD = jax.lax.ragged_dot(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E)
+  y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)  # unsort: row m is assignment m again
+  return jnp.einsum("NKD,NK->ND", y_MD.reshape(n, k, -1).astype(jnp.float32), w_NK)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+  """C = ceil(factor * tokens * top_k / E) assignments per expert."""
+  return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+
+
+def capacity_dispatch_mask(idx_NK, num_experts: int, cap: int):
+  """f32[N, K, E, C] one-hot (expert, slot) of each kept assignment; dropped ones are all zero.
+
+  Slots are filled in priority order k-major (all 1st choices by token, then 2nd choices, ...).
+  """
+  n, k = idx_NK.shape
+  onehot_KNE = jax.nn.one_hot(idx_NK.T, num_experts, dtype=jnp.int32)
+  # Position of each assignment in its expert's queue, counting in (k, token) order.
+  pos_KNE = jnp.cumsum(onehot_KNE.reshape(k * n, num_experts), axis=0).reshape(k, n, -1) - 1
+  pos_KN = jnp.sum(pos_KNE * onehot_KNE, axis=-1)
+  keep_KN = pos_KN < cap
+  slot_KNC = jax.nn.one_hot(jnp.where(keep_KN, pos_KN, cap), cap, dtype=jnp.float32)  # cap -> zeros
+  return jnp.einsum("KNE,KNC->NKEC", onehot_KNE.astype(jnp.float32), slot_KNC)
+
+
+def capacity_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, cap: int):
+  """Token-dropping dispatch with one-hot einsums. Returns y_ND float32."""
+  dispatch_NKEC = capacity_dispatch_mask(idx_NK, gate_EDF.shape[0], cap)
+  # A token picks an expert at most once, so summing over K never merges two assignments.
+  dispatch_NEC = jnp.sum(dispatch_NKEC, axis=1).astype(x_ND.dtype)
+  combine_NEC = jnp.einsum("NKEC,NK->NEC", dispatch_NKEC, w_NK)
+  x_ECD = jnp.einsum("NEC,ND->ECD", dispatch_NEC, x_ND)
+  g = jnp.einsum("ECD,EDF->ECF", x_ECD, gate_EDF)
+  u = jnp.einsum("ECD,EDF->ECF", x_ECD, up_EDF)
+  y_ECD = jnp.einsum("ECF,EFD->ECD", jax.nn.silu(g) * u, down_EFD)
+  return jnp.einsum("NEC,ECD->ND", combine_NEC, y_ECD.astype(jnp.float32))
+
+
+class MoE(nnx.Module):
+  """Routed SwiGLU experts (+ optional shared experts) on [B, T, D].
+
+  Parameters: `gate` (Router: kernel [D, E], optional e_score_correction_bias RouterBias [E]),
+  `gate_proj` [E, D, F], `up_proj` [E, D, F], `down_proj` [E, F, D], and `shared_experts`
+  (MLP of width num_shared_experts * shared_expert_dim) when num_shared_experts > 0.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    m = cfg.moe
+    self.num_experts = m.num_experts
+    self.top_k = m.top_k
+    self.dispatch = m.dispatch
+    self.capacity_factor = m.capacity_factor
+    self.aux_loss_weight = m.aux_loss_weight
+    self.z_loss_weight = m.z_loss_weight
+    self.dtype = dtype_of(cfg.dtype)
+    param_dtype = dtype_of(cfg.param_dtype)
+    e, d, f = m.num_experts, cfg.d_model, m.expert_dim
+    self.gate = router_lib.Router(cfg, rngs=rngs)
+
+    def param(shape, *names):
+      return nnx.Param(partitioned(default_init, *names)(rngs.params(), shape, param_dtype))
+
+    self.gate_proj = param((e, d, f), "expert", "embed", "expert_mlp")
+    self.up_proj = param((e, d, f), "expert", "embed", "expert_mlp")
+    self.down_proj = param((e, f, d), "expert", "expert_mlp", "embed")
+    self.shared_experts = (
+        MLP(d, m.num_shared_experts * m.shared_expert_dim, rngs=rngs, dtype=self.dtype,
+            param_dtype=param_dtype) if m.num_shared_experts > 0 else None)
+
+  def __call__(self, x_BTD):
+    """Returns (y_BTD in the compute dtype, aux): aux["load"] f32[E] assignments per expert over
+    this call's whole batch (before capacity dropping); aux["losses"] {name: weighted scalar}."""
+    b, t, d = x_BTD.shape
+    x_ND = x_BTD.reshape(b * t, d).astype(self.dtype)
+    idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
+    weights = [w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+    if self.dispatch == "dropless":
+      y_ND = dropless_experts(x_ND, idx_NK, w_NK, *weights)
+    elif self.dispatch == "capacity":
+      cap = capacity(b * t, self.top_k, self.num_experts, self.capacity_factor)
+      y_ND = capacity_experts(x_ND, idx_NK, w_NK, *weights, cap)
+    else:
+      raise ValueError(f"moe.dispatch: unknown {self.dispatch!r}; expected 'dropless' or 'capacity'")
+    y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)
+    if self.shared_experts is not None:
+      # M3: routed (already scaled by routed_scaling_factor through the weights) + shared.
+      y_BTD = y_BTD + self.shared_experts(x_BTD.astype(self.dtype))
+
+    losses = {}
+    if self.aux_loss_weight > 0:
+      losses["moe_balance"] = self.aux_loss_weight * router_lib.sequence_balance_loss(
+          idx_NK.reshape(b, t, -1), scores_NE.reshape(b, t, -1))
+    if self.z_loss_weight > 0:
+      losses["moe_z"] = self.z_loss_weight * router_lib.z_loss(logits_NE)
+    aux = {"load": router_lib.expert_load(idx_NK, self.num_experts), "losses": losses}
+    return y_BTD, aux
