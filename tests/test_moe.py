@@ -146,9 +146,8 @@ def test_minimax_m2_block_parity():
 
 
 def test_minimax_m3_block_parity_with_shared_expert():
-  """M3: routed output * routed_scaling_factor + shared expert. HF M3 uses the SwiGLU-OAI activation
-  (clamped, alpha 1.702, up + 1); we patch the reference to plain SwiGLU, which is what ours computes,
-  so this checks routing, scaling and the shared-expert combination."""
+  """M3: routed output * routed_scaling_factor + shared expert, with M3's clamped SwiGLU
+  (GPT-OSS style: alpha 1.702, limit 7, up + 1) in the experts and the shared expert."""
   from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as hf
   hf_cfg = hf.MiniMaxM3VLTextConfig(hidden_size=16, intermediate_size=24, num_local_experts=4,
                                     num_experts_per_tok=2, shared_intermediate_size=8,
@@ -157,17 +156,12 @@ def test_minimax_m3_block_parity_with_shared_expert():
   randomize_torch(block, 2)
   bias = rand((4,), seed=6, scale=0.3)
   block.gate.e_score_correction_bias.copy_(torch.from_numpy(bias))
-
-  def plain_gate(gate_up):
-    g, u = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(g) * u
-
-  block.experts._apply_gate = plain_gate
   sh = block.shared_experts
-  sh.forward = lambda h: sh.down_proj(plain_gate(sh.gate_up_proj(h)))
 
-  moe = moe_lib.MoE(tiny_cfg(router="sigmoid", use_bias=True, routed_scaling_factor=2.0,
-                             num_shared_experts=1, shared_expert_dim=8), rngs=nnx.Rngs(0))
+  cfg = tiny_cfg(router="sigmoid", use_bias=True, routed_scaling_factor=2.0, num_shared_experts=1,
+                 shared_expert_dim=8)
+  cfg.mlp_activation = "swiglu_clamped"
+  moe = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
   moe.gate.kernel[...] = jnp.asarray(block.gate.weight.detach().numpy().T)
   moe.gate.e_score_correction_bias[...] = jnp.asarray(bias)
   load_experts(moe, block.experts.gate_up_proj.detach().numpy(), block.experts.down_proj.detach().numpy())
@@ -175,7 +169,7 @@ def test_minimax_m3_block_parity_with_shared_expert():
   moe.shared_experts.gate.kernel[...] = jnp.asarray(w_gu[:8].T)
   moe.shared_experts.up.kernel[...] = jnp.asarray(w_gu[8:].T)
   moe.shared_experts.down.kernel[...] = jnp.asarray(sh.down_proj.weight.detach().numpy().T)
-  x = rand((2, 6, 16), seed=7)
+  x = rand((2, 6, 16), seed=7) * 8.0  # large enough that the clamps at +-7 are active
   y, _ = moe(jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(y), run_torch(block, x), **TOL)
 

@@ -12,6 +12,7 @@ capacity and aux["load"] are over the whole global batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,19 +20,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.model import router as router_lib
-from mixtral_jax.model.layers import MLP, default_init, dtype_of
+from mixtral_jax.model.layers import MLP, default_init, dtype_of, gated_activation
 from mixtral_jax.sharding import partitioned
 
 
-def swiglu_experts_dense(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+def swiglu_experts_dense(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_activation):
   """Per-token reference: every token through its K experts, gathered weights. [N, D] float32."""
   g = jnp.einsum("ND,NKDF->NKF", x_ND, gate_EDF[idx_NK])
   u = jnp.einsum("ND,NKDF->NKF", x_ND, up_EDF[idx_NK])
-  y_NKD = jnp.einsum("NKF,NKFD->NKD", jax.nn.silu(g) * u, down_EFD[idx_NK])
+  y_NKD = jnp.einsum("NKF,NKFD->NKD", act(g, u), down_EFD[idx_NK])
   return jnp.einsum("NKD,NK->ND", y_NKD.astype(jnp.float32), w_NK)
 
 
-def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
+def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_activation):
   """Sorted grouped matmul (ragged_dot). Returns y_ND float32 = sum_k w_nk * expert_{idx_nk}(x_n)."""
   n, k = idx_NK.shape
   e = gate_EDF.shape[0]
@@ -41,7 +42,7 @@ def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD):
   xs_MD = x_ND[order_M // k]
   g_MF = jax.lax.ragged_dot(xs_MD, gate_EDF, group_sizes_E)
   u_MF = jax.lax.ragged_dot(xs_MD, up_EDF, group_sizes_E)
-  ys_MD = jax.lax.ragged_dot(jax.nn.silu(g_MF) * u_MF, down_EFD, group_sizes_E)
+  ys_MD = jax.lax.ragged_dot(act(g_MF, u_MF), down_EFD, group_sizes_E)
   y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)  # unsort: row m is assignment m again
   return jnp.einsum("NKD,NK->ND", y_MD.reshape(n, k, -1).astype(jnp.float32), w_NK)
 
@@ -66,7 +67,8 @@ def capacity_dispatch_mask(idx_NK, num_experts: int, cap: int):
   return jnp.einsum("KNE,KNC->NKEC", onehot_KNE.astype(jnp.float32), slot_KNC)
 
 
-def capacity_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, cap: int):
+def capacity_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, cap: int,
+                     act=gated_activation):
   """Token-dropping dispatch with one-hot einsums. Returns y_ND float32."""
   dispatch_NKEC = capacity_dispatch_mask(idx_NK, gate_EDF.shape[0], cap)
   # A token picks an expert at most once, so summing over K never merges two assignments.
@@ -75,7 +77,7 @@ def capacity_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, cap: int):
   x_ECD = jnp.einsum("NEC,ND->ECD", dispatch_NEC, x_ND)
   g = jnp.einsum("ECD,EDF->ECF", x_ECD, gate_EDF)
   u = jnp.einsum("ECD,EDF->ECF", x_ECD, up_EDF)
-  y_ECD = jnp.einsum("ECF,EFD->ECD", jax.nn.silu(g) * u, down_EFD)
+  y_ECD = jnp.einsum("ECF,EFD->ECD", act(g, u), down_EFD)
   return jnp.einsum("NEC,ECD->ND", combine_NEC, y_ECD.astype(jnp.float32))
 
 
@@ -106,9 +108,13 @@ class MoE(nnx.Module):
     self.gate_proj = param((e, d, f), "expert", "embed", "expert_mlp")
     self.up_proj = param((e, d, f), "expert", "embed", "expert_mlp")
     self.down_proj = param((e, f, d), "expert", "expert_mlp", "embed")
+    # act(gate, up): the gated nonlinearity of config.mlp_activation (clamped SwiGLU for M3).
+    self.act = functools.partial(gated_activation, kind=cfg.mlp_activation, alpha=cfg.swiglu_alpha,
+                                 limit=cfg.swiglu_limit)
     self.shared_experts = (
         MLP(d, m.num_shared_experts * m.shared_expert_dim, rngs=rngs, dtype=self.dtype,
-            param_dtype=param_dtype) if m.num_shared_experts > 0 else None)
+            param_dtype=param_dtype, activation=cfg.mlp_activation, alpha=cfg.swiglu_alpha,
+            limit=cfg.swiglu_limit) if m.num_shared_experts > 0 else None)
 
   def __call__(self, x_BTD):
     """Returns (y_BTD in the compute dtype, aux): aux["load"] f32[E] assignments per expert over
@@ -118,10 +124,10 @@ class MoE(nnx.Module):
     idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
     weights = [w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
     if self.dispatch == "dropless":
-      y_ND = dropless_experts(x_ND, idx_NK, w_NK, *weights)
+      y_ND = dropless_experts(x_ND, idx_NK, w_NK, *weights, act=self.act)
     elif self.dispatch == "capacity":
       cap = capacity(b * t, self.top_k, self.num_experts, self.capacity_factor)
-      y_ND = capacity_experts(x_ND, idx_NK, w_NK, *weights, cap)
+      y_ND = capacity_experts(x_ND, idx_NK, w_NK, *weights, cap, act=self.act)
     else:
       raise ValueError(f"moe.dispatch: unknown {self.dispatch!r}; expected 'dropless' or 'capacity'")
     y_BTD = y_ND.reshape(b, t, d).astype(self.dtype)

@@ -24,13 +24,12 @@ SOFTMAX_ATTENTION = {
 def make_attention(cfg, layer_type: str, *, rngs: nnx.Rngs, layer_idx: int | None = None):
   """The attention module for `layer_type` ('full' | 'swa' | 'moba' | 'msa' | 'lightning').
 
-  layer_idx is accepted for callers that track it; no variant depends on it.
+  layer_idx: the decoder layer's index among all layers; Lightning's decay slopes depend on it.
   """
-  del layer_idx
   if layer_type == "lightning":
     # Imported lazily: lightning attention lives in its own module with its own dependencies.
     from mixtral_jax.model.attention.lightning import LightningAttention
-    return LightningAttention(cfg, rngs=rngs)
+    return LightningAttention(cfg, rngs=rngs, layer_idx=layer_idx or 0)
   if layer_type not in SOFTMAX_ATTENTION:
     raise ValueError(f"unknown attention type {layer_type!r}; expected one of "
                      f"{tuple(SOFTMAX_ATTENTION) + ('lightning',)}")
