@@ -19,6 +19,14 @@ from .reference import MASK_VALUE
 
 NUM_LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # contract the head dims of both operands: a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims=_NN):
+  """f32-accumulating matmul; precision pinned from the operands (a global 'highest' default must not
+  turn a bf16 matmul into an fp32-contract one, which Mosaic rejects)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _visible(q_first, k_first, shape, q_axis):
@@ -44,7 +52,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
   def _step():
     kv_block = kv_idx_ref[row * nk + j]
     v = v_ref[...]
-    s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q_ref[...], k_ref[...], _NT) * sm_scale
     if causal:
       visible = _visible(i * block_q + offset, kv_block * block_kv, s.shape, 0)
       s = jnp.where(visible, s, MASK_VALUE)
@@ -56,8 +64,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
       p = jnp.where(visible, p, 0.0)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_next
-    acc_sc[...] = acc_sc[...] * alpha[:, :1] + jnp.dot(
-        p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v)
 
   @pl.when(j == nk - 1)
   def _finish():
@@ -131,14 +138,14 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     k, v = k_ref[...], v_ref[...]
     lse = jnp.expand_dims(lse_ref[0], -1)                            # [bq, 1]
     di = jnp.expand_dims(di_ref[0], -1)
-    s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q_ref[...], k, _NT) * sm_scale
     p = jnp.exp(s - lse)
     if causal:
       visible = _visible(i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, s.shape, 0)
       p = jnp.where(visible, p, 0.0)
-    dp = lax.dot_general(do_ref[...], v, _NT, preferred_element_type=jnp.float32)
+    dp = _dot(do_ref[...], v, _NT)
     ds = p * (dp - di)
-    dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    dq_sc[...] += _dot(ds.astype(k.dtype), k)
 
   @pl.when(j == nk - 1)
   def _finish():
@@ -161,15 +168,15 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
   @pl.when(r < q_cnt_ref[col])
   def _step():
     q, do = q_ref[...], do_ref[...]
-    s_t = lax.dot_general(k_ref[...], q, _NT, preferred_element_type=jnp.float32) * sm_scale
+    s_t = _dot(k_ref[...], q, _NT) * sm_scale
     p_t = jnp.exp(s_t - lse_ref[...])                                # [bkv, bq]; lse is [1, bq]
     if causal:
       q_first = q_idx_ref[col * nq + r] * block_q + offset
       p_t = jnp.where(_visible(q_first, j * block_kv, s_t.shape, 1), p_t, 0.0)
-    dv_sc[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp_t = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
+    dv_sc[...] += _dot(p_t.astype(do.dtype), do)
+    dp_t = _dot(v_ref[...], do, _NT)
     ds_t = p_t * (dp_t - di_ref[...])
-    dk_sc[...] += jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dk_sc[...] += _dot(ds_t.astype(q.dtype), q)
 
   @pl.when(t == groups * nq - 1)
   def _finish():

@@ -16,6 +16,14 @@ import jax.numpy as jnp
 from .reference import MASK_VALUE
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims=_NN):
+  """f32-accumulating matmul; precision pinned from the operands (a global 'highest' default must not
+  turn a bf16 matmul into an fp32-contract one, which Mosaic rejects)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _compiler_params(head_dim):
@@ -39,7 +47,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     kv_block = kv_idx_ref[row * nk + jj]
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q, k, _NT) * sm_scale
     if causal:
       visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
       s = jnp.where(visible, s, MASK_VALUE)
@@ -49,7 +57,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     if causal:  # a row masked in every visited tile must keep l == 0
       p = jnp.where(visible, p, 0.0)
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
   init = (jnp.zeros((block_q, q.shape[-1]), jnp.float32),
@@ -100,14 +108,14 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     kv_block = kv_idx_ref[row * nk + jj]
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * sm_scale
+    s = _dot(q, k, _NT) * sm_scale
     p = jnp.exp(s - lse)
     if causal:
       visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
       p = jnp.where(visible, p, 0.0)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    dp = _dot(do, v, _NT)
     ds = p * (dp - di)
-    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    return dq + _dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, kv_cnt_ref[row], body, jnp.zeros((block_q, q.shape[-1]), jnp.float32))
   dq_ref[...] = (dq * sm_scale).astype(dq_ref.dtype)
@@ -126,15 +134,15 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     rows = pl.ds(q_block * block_q, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, di = lse_ref[rows], di_ref[rows]
-    s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * sm_scale   # [bkv, bq]
+    s_t = _dot(k, q, _NT) * sm_scale   # [bkv, bq]
     p_t = jnp.exp(s_t - lse[None, :])
     if causal:
       q_pos = q_block * block_q + offset + jnp.arange(block_q)
       p_t = jnp.where(k_pos[:, None] <= q_pos[None, :], p_t, 0.0)
-    dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+    dv = dv + _dot(p_t.astype(do.dtype), do)
+    dp_t = _dot(v, do, _NT)
     ds_t = p_t * (dp_t - di[None, :])
-    dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    dk = dk + _dot(ds_t.astype(q.dtype), q)
     return dk, dv
 
   zeros = jnp.zeros((block_kv, k.shape[-1]), jnp.float32)
