@@ -58,7 +58,8 @@ def inputs(t, seed=0):
 
 
 def forward(m, x, pos):
-  y, cache, losses = m(x, pos)
+  # One compile of the whole layer is cheaper than compiling every eager op for new shapes.
+  y, cache, losses = nnx.jit(lambda m, x, p: m(x, p))(m, x, pos)
   assert cache is None
   return y, losses
 
@@ -201,3 +202,21 @@ def test_full_qk_norm_full_matches_hf_minimax_m2():
   with torch.no_grad():
     y_ref, _ = ref(t(x), (cos, sin), causal)
   close(y, y_ref.numpy(), tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "swa", "moba", "msa"])
+def test_full_size_shapes(kind):
+  # MiniMax-M3 attention dimensions, traced only (jax.eval_shape): nothing is allocated.
+  cfg = small_cfg(d_model=6144, num_heads=64, num_kv_heads=4, head_dim=128, rotary_dim=64,
+                  qk_norm="per_head", norm_zero_centered=True, window=512, dtype="bfloat16",
+                  **{"msa.block_size": 128, "msa.top_k": 16, "msa.index_head_dim": 128,
+                     "msa.kl_loss_weight": 0.1, "moba.block_size": 128, "moba.top_k": 8})
+  x = jax.ShapeDtypeStruct((1, 2048, 6144), jnp.bfloat16)
+  pos = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
+  y, _, losses = jax.eval_shape(lambda x, p: make_attention(cfg, kind, rngs=nnx.Rngs(0))(x, p), x, pos)
+  assert y.shape == x.shape and y.dtype == jnp.bfloat16
+  assert set(losses) == ({"msa_kl"} if kind == "msa" else set())
+  params = nnx.state(nnx.eval_shape(lambda: make_attention(cfg, kind, rngs=nnx.Rngs(0))), nnx.Param)
+  n = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
+  main = 6144 * 128 * (64 * 2 + 4 * 2) + 2 * 128
+  assert n == main + (6144 * 128 * 5 + 2 * 128 if kind == "msa" else 0)
