@@ -220,3 +220,13 @@ def test_full_size_shapes(kind):
   n = sum(np.prod(p.shape) for p in jax.tree.leaves(params))
   main = 6144 * 128 * (64 * 2 + 4 * 2) + 2 * 128
   assert n == main + (6144 * 128 * 5 + 2 * 128 if kind == "msa" else 0)
+
+
+def test_registry_builds_lightning_with_layer_idx():
+  cfg = small_cfg(num_layers=4)
+  m = make_attention(cfg, "lightning", rngs=nnx.Rngs(0), layer_idx=3)
+  assert type(m).__name__ == "LightningAttention"
+  ref = make_attention(cfg, "lightning", rngs=nnx.Rngs(0), layer_idx=0)
+  x, pos = inputs(4)
+  y3, y0 = m(x, pos)[0], ref(x, pos)[0]
+  assert not np.allclose(np.asarray(y3), np.asarray(y0))  # layer_idx reached the decay slopes
