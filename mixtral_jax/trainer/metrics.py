@@ -1,0 +1,171 @@
+"""Training metrics: per-step values from the train step, aggregated every `log_every` steps.
+
+Written to TensorBoard event files (tensorboardX) and `metrics.jsonl` in the workdir, and shown in a
+tqdm progress bar. `MetricsLogger.record(step, metrics)` is called with step N-1's device metrics
+right after step N is dispatched, so reading them back overlaps step N's computation (nanodo-style).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device, by (a prefix of) jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100": 312e12,
+}
+# CPU estimate: ~50 GFLOP/s of float32 per core (AVX2/AVX-512 FMA at a sustained clock), counted
+# per host core, not per (possibly fake) CPU device. A rough number: CPU MFU is only indicative.
+CPU_FLOPS_PER_CORE = 50e9
+
+
+def peak_flops_per_second() -> float:
+  """Peak FLOP/s of all devices of the job (0.0 when the device kind is unknown)."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+  kind = dev.device_kind
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix] * jax.device_count()
+  return 0.0
+
+
+def active_params(model_config, num_params: int) -> int:
+  """Parameters a token passes through: all, minus unselected routed experts and the input embedding.
+
+  Assumes routed experts are SwiGLU (3 * d_model * expert_dim each); the input embedding is a gather
+  (no matmul FLOPs) unless tied to the output projection.
+  """
+  m = model_config
+  n = num_params
+  moe_layers = m.num_layers - m.num_dense_layers
+  if moe_layers > 0:
+    n -= moe_layers * (m.moe.num_experts - m.moe.top_k) * 3 * m.d_model * m.moe.expert_dim
+  if not m.tie_embeddings:
+    n -= m.vocab_size * m.d_model
+  return max(int(n), 0)
+
+
+class MetricsLogger:
+  """Aggregates step metrics and writes them every `log_every` steps (and at the last step).
+
+  Step metrics (dict of device arrays) understood here: loss, grad_norm, lr, any other scalar
+  (averaged), task_correct/task_count/task_seq_correct/task_seq_count [num_tasks] (summed), load [L, E]
+  (summed). Accuracies are over answer tokens (loss_mask), per task; seq_acc counts examples whose
+  answer tokens are all right.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, log_every: int,
+               task_names, tokens_per_step: int, flops_per_token: float, peak_flops: float,
+               enabled: bool = True, progress: bool = True):
+    self.total_steps = total_steps
+    self.log_every = log_every
+    self.task_names = list(task_names)
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self.enabled = enabled
+    self.last: dict = {}
+    self._reset()
+    self._t0 = None  # starts after the first step (which includes compilation)
+    self._timed_steps = 0
+    self._writer = None
+    self._jsonl = None
+    self._bar = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if progress:
+        from tqdm import tqdm
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+  def _reset(self):
+    self._sums: dict = {}
+    self._last: dict = {}
+    self._n = 0
+
+  def record(self, step: int, metrics):
+    """Adds the metrics of the step that brought the state to `step` (blocks until it is done)."""
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0, self._timed_steps = now, 0
+    else:
+      self._timed_steps += 1
+    for k, v in m.items():
+      v = np.asarray(v, np.float64)
+      self._sums[k] = self._sums[k] + v if k in self._sums else v
+    self._n += 1
+    self._last = m
+    if self._bar is not None:
+      self._bar.update(1)
+    if step % self.log_every == 0 or step == self.total_steps:
+      self._write(step, now)
+
+  def _write(self, step, now):
+    s, n = self._sums, max(self._n, 1)
+    out = {}
+    for k, v in s.items():
+      if k.startswith("task_") or k == "load":
+        continue
+      out[k] = float(v) / n
+    if "lr" in self._last:
+      out["lr"] = float(self._last["lr"])  # the rate of the logged step, not the interval mean
+    for i, name in enumerate(self.task_names):
+      if "task_count" in s and s["task_count"][i] > 0:
+        out[f"accuracy/{name}"] = float(s["task_correct"][i] / s["task_count"][i])
+      if "task_seq_count" in s and s["task_seq_count"][i] > 0:
+        out[f"seq_accuracy/{name}"] = float(s["task_seq_correct"][i] / s["task_seq_count"][i])
+    if "load" in s and s["load"].size:
+      load_LE = s["load"]
+      frac_LE = load_LE / np.maximum(load_LE.sum(-1, keepdims=True), 1e-9)
+      # Worst layer's spread; an expert with no tokens counts as one token (keeps it finite).
+      spread_L = load_LE.max(-1) / np.maximum(load_LE.min(-1), 1.0)
+      out["router/load_max_over_min"] = float(spread_L.max())
+      out["router/max_expert_fraction"] = float(frac_LE.max())
+      out["router/min_expert_fraction"] = float(frac_LE.min())
+    dt = now - self._t0 if self._t0 is not None else 0.0
+    if self._timed_steps > 0 and dt > 0:
+      tps = self._timed_steps * self.tokens_per_step / dt
+      out["tokens_per_second"] = tps
+      if self.peak_flops > 0:
+        out["mfu"] = tps * self.flops_per_token / self.peak_flops
+    self._t0, self._timed_steps = now, 0
+    out = {k: v for k, v in out.items() if math.isfinite(v)}
+    self.last = {"step": step, **out}
+    self._reset()
+    if not self.enabled:
+      return
+    for k, v in out.items():
+      self._writer.add_scalar(k, v, step)
+    self._writer.flush()
+    self._jsonl.write(json.dumps(self.last) + "\n")
+    self._jsonl.flush()
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}",
+                            lr=f"{out.get('lr', 0.0):.2e}", refresh=False)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+    if self._writer is not None:
+      self._writer.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
