@@ -1,0 +1,268 @@
+"""Hugging Face checkpoints in and out: `from_hf(path, mesh) -> (model, config)`, `to_hf(model, config, dir)`.
+
+from_hf reads config.json (mapped by `hf_config`), builds the model abstractly (no parameter is
+initialised), then streams the safetensors one tensor at a time: each is transformed (`mapping`),
+cast to the parameter dtype and `jax.device_put` with that parameter's sharding on `mesh` before
+the next is read, so a large checkpoint never has two host copies. Every parameter must receive a
+tensor and every tensor must be used: a missing, extra or wrongly shaped tensor raises an error
+naming it.
+
+to_hf writes config.json and model.safetensors (sharded with an index past `max_shard_bytes`) in the
+layout transformers' own save_pretrained writes, so `AutoModelForCausalLM.from_pretrained` loads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from mixtral_jax import config as config_lib
+from mixtral_jax.convert import hf_config, mapping
+from mixtral_jax.convert.hf_config import UnsupportedConfigError
+from mixtral_jax.convert.safetensors_io import SafetensorsReader, ShardedWriter
+from mixtral_jax.model.router import RouterBias
+
+__all__ = ["from_hf", "to_hf", "load_hf_config", "infer_model_type", "ConversionError",
+           "MissingTensorError", "UnexpectedTensorError", "TensorShapeError", "UnsupportedConfigError"]
+
+_STATE = (nnx.Param, RouterBias)
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not fit the model; the message names the tensor."""
+
+
+class MissingTensorError(ConversionError):
+  pass
+
+
+class UnexpectedTensorError(ConversionError):
+  pass
+
+
+class TensorShapeError(ConversionError):
+  pass
+
+
+def load_hf_config(path: str) -> dict:
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{file}: no config.json in the Hugging Face directory")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _model_fn(cfg):
+  from mixtral_jax.model.transformer import Transformer  # late: keeps `hf_config` importable alone
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _mesh_ctx(mesh):
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _walk(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  _walk(tree, path[:-1])[path[-1]] = value
+
+
+def _progress(total, desc, enabled):
+  if not enabled:
+    return contextlib.nullcontext(None)
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, unit="tensor")
+
+
+def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = None,
+            progress: bool = True):
+  """Loads a Hugging Face checkpoint directory as (model, config).
+
+  path: directory with config.json and model.safetensors (or shards + model.safetensors.index.json).
+  mesh: parameters are placed with their logical sharding on it (None: the default device).
+  config: an experiment config (`config.default_config()` layout) whose run-time model fields
+    (dtype, param_dtype, attention_impl, dispatch, loss weights) and train/data/eval settings are
+    kept; the architecture comes from config.json. Returned with `.model` replaced.
+  Returns (Transformer, config). Raises UnsupportedConfigError / MissingTensorError /
+  UnexpectedTensorError / TensorShapeError naming the offending field or tensor.
+  """
+  hf = load_hf_config(path)
+  family, _ = hf_config.text_config(hf)
+  config = ml_collections.ConfigDict((config or config_lib.default_config()).to_dict())
+  config.model = hf_config.to_model_config(hf, base=config.model)
+  cfg = config.model
+
+  with _mesh_ctx(mesh):
+    abstract = nnx.eval_shape(lambda: _model_fn(cfg))
+  graphdef, params, rest = nnx.split(abstract, _STATE, ...)
+  flat = {tuple(p): v for p, v in nnx.to_flat_state(params)}
+  pure = nnx.to_pure_dict(params)
+  shapes = {p: tuple(v.get_value().shape) for p, v in flat.items()}
+
+  reader = SafetensorsReader(path)
+  canon: dict[str, str] = {}
+  for name in reader.names():
+    c = mapping.canonical_name(name, family)
+    if c is None:
+      continue
+    if c in canon:
+      raise UnexpectedTensorError(f"tensors {canon[c]!r} and {name!r} both map to {c!r}")
+    canon[c] = name
+  rules = mapping.rules(cfg, family, shapes, available=set(canon))
+  covered = [p for r in rules for p in r.ours]
+  missing = sorted(set(flat) - set(covered), key=str)
+  if missing:
+    raise ConversionError(f"no Hugging Face tensor maps to model parameters {missing}")
+
+  used: set[str] = set()
+  with _progress(sum(len(r.hf) for r in rules), f"from_hf {family}", progress) as bar:
+    for rule in rules:
+      arrays = []
+      for name, shape in zip(rule.hf, rule.hf_shapes):
+        if name not in canon:
+          disk = mapping.disk_name(name, family)
+          alias = f" (or {name!r})" if disk != name else ""
+          raise MissingTensorError(f"tensor {disk!r}{alias} is missing from {path} (needed for "
+                                   f"{['.'.join(map(str, p)) for p in rule.ours]})")
+        a = reader.read(canon[name])
+        if tuple(a.shape) != shape:
+          raise TensorShapeError(f"tensor {canon[name]!r} has shape {tuple(a.shape)}, expected {shape} "
+                                 f"for this config.json")
+        arrays.append(a)
+        used.add(name)
+        if bar is not None:
+          bar.update(1)
+      for p, value in zip(rule.ours, rule.to_ours(arrays)):
+        target = flat[p].get_value()
+        value = np.asarray(value).astype(target.dtype)
+        _set(pure, p, _place(value, target, mesh))
+      del arrays
+
+  used |= _check_lightning_buffers(abstract, cfg, canon, reader)
+  if cfg.tie_embeddings and "lm_head.weight" in canon:
+    used.add("lm_head.weight")  # a tied copy some checkpoints keep
+  extra = sorted(canon[c] for c in set(canon) - used)
+  reader.close()
+  if extra:
+    raise UnexpectedTensorError(f"{len(extra)} tensor(s) in {path} map to no model parameter: "
+                                f"{extra[:20]}{' ...' if len(extra) > 20 else ''}")
+  nnx.replace_by_pure_dict(params, pure)
+  if len(nnx.to_flat_state(rest)):
+    rest = _concrete_rest(cfg, mesh)
+  return nnx.merge(graphdef, params, rest), config
+
+
+def _place(value: np.ndarray, target, mesh):
+  sharding = getattr(target, "sharding", None)
+  if mesh is not None and isinstance(sharding, NamedSharding):
+    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
+  return jax.device_put(value)
+
+
+def _concrete_rest(cfg, mesh):
+  """Non-parameter state (if a module keeps any) computed by its initialiser under jit."""
+  with _mesh_ctx(mesh):
+    return jax.jit(lambda: nnx.split(_model_fn(cfg), _STATE, ...)[2])()
+
+
+def _check_lightning_buffers(model, cfg, canon, reader) -> set[str]:
+  """transformers saves each Lightning layer's decay buffers; its slopes must equal ours."""
+  used = set()
+  types = config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
+  for i, t in enumerate(types):
+    if t != "lightning":
+      continue
+    p = f"model.layers.{i}.self_attn."
+    name = p + "slope_rate"
+    if name in canon:
+      theirs = np.asarray(reader.read(canon[name]), np.float64).reshape(-1)
+      ours = np.asarray(getattr(model.layers[i].attn, "slopes", ()), np.float64).reshape(-1)
+      if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-5, atol=0):
+        raise ConversionError(
+            f"tensor {canon[name]!r} = {theirs.tolist()} but layer {i}'s lightning attention uses "
+            f"slopes {ours.tolist()} (does make_attention pass layer_idx to LightningAttention?)")
+    used |= {p + b for b in mapping.LIGHTNING_BUFFERS if p + b in canon}
+  return used
+
+
+def _lightning_buffers(model, cfg):
+  """The decay buffers transformers keeps (and saves) per Lightning layer, from our slopes, as
+  `MiniMaxLightningAttention.decay_factors` computes them (float32)."""
+  bs = int(cfg.lightning_block)
+  r = np.arange(1, bs + 1, dtype=np.float32)
+  types = config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
+  for i, t in enumerate(types):
+    if t != "lightning":
+      continue
+    slope = np.asarray(model.layers[i].attn.slopes, np.float32)[:, None, None]  # [N, 1, 1]
+    diag = (r[:, None] - r[None, :])[None, None] * slope[None]  # [1, N, bs, bs]
+    p = f"model.layers.{i}.self_attn."
+    yield p + "slope_rate", slope
+    yield p + "query_decay", np.exp(-slope * r[:, None])
+    yield p + "key_decay", np.exp(-slope * (bs - r[:, None]))
+    yield p + "diagonal_decay", np.exp(np.where(diag >= 0, -diag, -np.inf)).astype(np.float32)
+
+
+def infer_model_type(cfg) -> str:
+  """The Hugging Face family that can express this model config."""
+  types = set(config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers))
+  if "lightning" in types or cfg.post_norm_residual:
+    return "minimax"
+  if "msa" in types or cfg.norm_zero_centered or cfg.qk_norm == "per_head":
+    return "minimax_m3_vl_text"
+  if cfg.qk_norm == "full":
+    return "minimax_m2"
+  return "mixtral"
+
+
+def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: str | None = None,
+          max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> str:
+  """Writes `model` as a Hugging Face directory (config.json + safetensors) that
+  `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
+
+  config: the experiment config (or just its model ConfigDict). model_type: the HF family
+  (default: inferred from the config; minimax_m3_vl is written as minimax_m3_vl_text).
+  dtype: tensor dtype on disk ('float32' | 'bfloat16' | 'float16'; default the param dtype; the
+  router selection bias always stays float32). Returns out_dir.
+  """
+  cfg = config.model if "model" in config else config
+  family = model_type or infer_model_type(cfg)
+  if family == "minimax_m3_vl":
+    family = "minimax_m3_vl_text"
+  hf = hf_config.from_model_config(cfg, family)
+  params = nnx.state(model, _STATE)
+  flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+  shapes = {p: tuple(v.shape) for p, v in flat.items()}
+  rules = mapping.rules(cfg, family, shapes, available=None)
+  missing = sorted(set(flat) - {p for r in rules for p in r.ours}, key=str)
+  if missing:
+    raise ConversionError(f"model parameters {missing} have no Hugging Face tensor")
+  out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
+  hf["dtype"] = str(dtype or cfg.param_dtype)
+  writer = ShardedWriter(out_dir, max_shard_bytes)
+  with _progress(len(rules), f"to_hf {family}", progress) as bar:
+    for rule in rules:
+      ours = [np.asarray(jax.device_get(flat[p])) for p in rule.ours]
+      keep32 = any(p[-1] == "e_score_correction_bias" for p in rule.ours)
+      for name, shape, a in zip(rule.hf, rule.hf_shapes, rule.to_hf(ours)):
+        assert tuple(a.shape) == shape, (name, a.shape, shape)
+        writer.add(mapping.disk_name(name, family),
+                   np.ascontiguousarray(a.astype(np.float32 if keep32 else out_dtype)))
+      if bar is not None:
+        bar.update(1)
+  for name, a in _lightning_buffers(model, cfg):
+    writer.add(name, a.astype(out_dtype))
+  writer.close()
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  return out_dir
