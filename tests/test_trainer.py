@@ -270,3 +270,25 @@ def test_multiprocess_env_detection():
   assert trainer.is_multiprocess_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   assert trainer.is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "a,b"})
   assert not trainer.is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "localhost"})
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+  c = tiny_config()
+  c.model.update(dtype="bfloat16", param_dtype="float32", num_layers=1)
+  mesh = sharding.make_mesh(c.mesh)
+  tx, schedule = optim.make_optimizer(c.train)
+  from mixtral_jax.model.transformer import Transformer
+  def create():
+    model = Transformer(c.model, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(nnx.eval_shape(create))  # shapes only: nothing compiles
+    shardings = jax.tree.map(lambda _: jax.NamedSharding(mesh, jax.P()), state)
+    step = trainer.make_train_step(c, graphdef, shardings, schedule, len(trainer.task_names(c)))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(data_iter(c)))
+    jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    new_state, metrics = jax.eval_shape(step, state, batch)
+  assert "bf16" in jaxpr  # matmuls run in bfloat16
+  params = jax.tree.leaves(nnx.state(nnx.merge(graphdef, new_state)[0], nnx.Param))
+  assert params and all(p.dtype == jnp.float32 for p in params)
+  assert metrics["loss"].dtype == jnp.float32

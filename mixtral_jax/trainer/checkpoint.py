@@ -82,7 +82,11 @@ class Checkpointer:
     Raises CheckpointRestoreError when checkpoints exist but none restores.
     """
     self._manager.wait_until_finished()
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    # Step folders orbax no longer recognizes (e.g. metadata deleted) still count as checkpoints
+    # that must restore or be reported: a resumed run never silently starts from scratch.
+    on_disk = {int(n) for n in os.listdir(self.directory) if n.isdigit()} if os.path.isdir(
+        self.directory) else set()
+    steps = sorted(set(self._manager.all_steps()) | on_disk, reverse=True)
     if not steps:
       return None
     abstract = jax.tree.map(_abstract, target_state)
@@ -118,6 +122,9 @@ class Checkpointer:
             shutil.rmtree(dst)
           shutil.move(src, dst)
           log.warning("moved unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mixtral_jax.checkpoint.quarantine")
     self._manager.close()
     self._manager = self._new_manager()
 

@@ -7,6 +7,7 @@ router biases and data position), so the loss trajectory continues as if never i
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -228,4 +229,15 @@ def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
   finally:
     logger.close()
     ckpt.close()
-  return dict(logger.last) if logger.last else {"step": start}
+  if logger.last:
+    return dict(logger.last)
+  return _last_logged(workdir) or {"step": start}  # nothing left to run: the finished run's metrics
+
+
+def _last_logged(workdir) -> dict | None:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  return json.loads(lines[-1]) if lines else None
