@@ -64,23 +64,16 @@ def default_data_fn(config, *, seed, shard_index, shard_count):
 
 
 def task_names(config) -> list[str]:
-  """Task index -> name, as the data pipeline numbers `batch['task_id']`."""
-  try:
-    from mixtral_jax.data import pipeline
-    if hasattr(pipeline, "task_names"):
-      return list(pipeline.task_names(config))
-  except ImportError:
-    pass
-  names = list(config.data.tasks)
-  if len(config.data.text_files):
-    names.append("text")
-  return names
+  """batch['task_id'] -> task name (the data pipeline's global numbering)."""
+  from mixtral_jax.data import pipeline
+  return list(pipeline.task_names(config))
 
 
 def create_train_state(config, mesh, model_fn: Callable = default_model_fn):
-  """Model and optimizer created sharded on `mesh`, split into (graphdef, state, shardings).
+  """Model and optimizer created sharded on `mesh`: (graphdef, state, state shardings, lr schedule).
 
   Parameters are created inside jit under the mesh, so each device only materializes its shard.
+  `nnx.merge(graphdef, state)` gives back (model, optimizer).
   """
   tx, schedule = optim.make_optimizer(config.train)
 
