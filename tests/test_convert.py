@@ -114,7 +114,19 @@ def test_parity_generation_round_trip(family, tmp_path):
   model, config = from_hf(path, progress=False)
   convert_s = time.perf_counter() - t0
   tokens = np.random.RandomState(1).randint(0, COMMON["vocab_size"], (2, SEQ))
+  picked = []
+  indexers = [m for n, m in hf_model.named_modules() if n.endswith("self_attn.indexer")]
+  hooks = [m.register_forward_hook(lambda mod, args, out: picked.append(out)) for m in indexers]
   ref = _logits(hf_model, tokens)
+  for h in hooks:
+    h.remove()
+  if family == "minimax_m3_vl_text":
+    # The index branch really drops blocks: late queries see 8 causal blocks and keep 2.
+    assert len(picked) == 2
+    for idx in picked:  # [B, K, T, top_k] block ids, -1 = empty slot
+      kept = (idx >= 0).sum(-1)
+      visible = torch.arange(SEQ) // 8 + 1
+      assert bool((kept < visible).any()) and int(kept.max()) == 2
   ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
   scale = float(np.abs(ref).max())
   diff = float(np.abs(ours - ref).max())
@@ -285,3 +297,42 @@ def test_cli_run_round_trip(tmp_path):
   assert sorted(a.names()) == sorted(b.names())
   for n in a.names():
     assert np.array_equal(a.read(n), b.read(n)), n
+
+
+def test_bfloat16_checkpoint(tmp_path):
+  """bfloat16 safetensors read into float32 params exactly; written back as bfloat16."""
+  cfg, cls = _mixtral()
+  torch.manual_seed(0)
+  hf_model = cls(cfg).eval()
+  _randomize(hf_model, 0)
+  path = str(tmp_path / "bf16")
+  hf_model.to(torch.bfloat16).save_pretrained(path)
+  model, config = from_hf(path, progress=False)
+  q = model.layers[1].attn.q_proj.kernel[...]
+  assert q.dtype == jnp.float32
+  want = hf_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T.reshape(q.shape)
+  np.testing.assert_array_equal(np.asarray(q), want)
+  out = str(tmp_path / "bf16_out")
+  to_hf(model, config, out, dtype="bfloat16", progress=False)
+  a, b = safetensors_io.SafetensorsReader(path), safetensors_io.SafetensorsReader(out)
+  assert sorted(a.names()) == sorted(b.names())
+  for n in a.names():
+    assert b.read(n).dtype == a.read(n).dtype and np.array_equal(a.read(n), b.read(n)), n
+
+
+def test_mixtral_sliding_window(tmp_path):
+  """Mixtral's sliding_window maps to our swa layers (query sees itself and window-1 keys back)."""
+  cfg, cls = _mixtral()
+  cfg.sliding_window = 16
+  torch.manual_seed(0)
+  hf_model = cls(cfg).eval()
+  _randomize(hf_model, 3)
+  path = str(tmp_path / "swa")
+  hf_model.save_pretrained(path)
+  model, config = from_hf(path, progress=False)
+  assert tuple(config.model.attention_pattern) == ("swa",) and config.model.window == 16
+  tokens = np.random.RandomState(3).randint(0, COMMON["vocab_size"], (2, 48))
+  ref = _logits(hf_model, tokens)
+  ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+  assert hf_config.from_model_config(config.model, "mixtral")["sliding_window"] == 16

@@ -163,10 +163,21 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
 
 
 def _place(value: np.ndarray, target, mesh):
+  """Each device receives only its shard of `value` (works across hosts too)."""
   sharding = getattr(target, "sharding", None)
   if mesh is not None and isinstance(sharding, NamedSharding):
-    return jax.device_put(value, NamedSharding(mesh, sharding.spec))
+    named = NamedSharding(mesh, sharding.spec)
+    if named.is_fully_addressable:
+      return jax.device_put(value, named)
+    return jax.make_array_from_callback(value.shape, named, lambda idx: value[idx])
   return jax.device_put(value)
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def _concrete_rest(cfg, mesh):
@@ -249,17 +260,22 @@ def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: 
     raise ConversionError(f"model parameters {missing} have no Hugging Face tensor")
   out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
   hf["dtype"] = str(dtype or cfg.param_dtype)
-  writer = ShardedWriter(out_dir, max_shard_bytes)
+  # Every process joins the gathers of sharded arrays; process 0 writes.
+  primary = jax.process_index() == 0
+  writer = ShardedWriter(out_dir, max_shard_bytes) if primary else None
   with _progress(len(rules), f"to_hf {family}", progress) as bar:
     for rule in rules:
-      ours = [np.asarray(jax.device_get(flat[p])) for p in rule.ours]
+      ours = [_to_host(flat[p]) for p in rule.ours]
       keep32 = any(p[-1] == "e_score_correction_bias" for p in rule.ours)
       for name, shape, a in zip(rule.hf, rule.hf_shapes, rule.to_hf(ours)):
         assert tuple(a.shape) == shape, (name, a.shape, shape)
-        writer.add(mapping.disk_name(name, family),
-                   np.ascontiguousarray(a.astype(np.float32 if keep32 else out_dtype)))
+        if primary:
+          writer.add(mapping.disk_name(name, family),
+                     np.ascontiguousarray(a.astype(np.float32 if keep32 else out_dtype)))
       if bar is not None:
         bar.update(1)
+  if not primary:
+    return out_dir
   for name, a in _lightning_buffers(model, cfg):
     writer.add(name, a.astype(out_dtype))
   writer.close()
