@@ -65,10 +65,13 @@ def active_params(model_config, num_params: int) -> int:
 class MetricsLogger:
   """Aggregates step metrics and writes them every `log_every` steps (and at the last step).
 
-  Step metrics (dict of device arrays) understood here: loss, grad_norm, lr, any other scalar
-  (averaged), task_correct/task_count/task_seq_correct/task_seq_count [num_tasks] (summed), load [L, E]
-  (summed). Accuracies are over answer tokens (loss_mask), per task; seq_acc counts examples whose
-  answer tokens are all right.
+  Input per step (dict of device arrays): scalars such as loss, lm_loss, aux_loss/*, grad_norm
+  (averaged over the interval), lr (the logged step's), task_correct/task_count/task_seq_correct/
+  task_seq_count f32[num_tasks] and load f32[L_moe, E] (summed over the interval).
+  Output keys: those scalars; accuracy/<task> (answer tokens, loss_mask) and seq_accuracy/<task>
+  (examples with every answer token right) for tasks seen in the interval; router/load_max_over_min
+  (worst MoE layer), router/max_expert_fraction, router/min_expert_fraction; tokens_per_second
+  (all batch positions, padding included) and mfu (6 * active params per token; no attention FLOPs).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, log_every: int,
