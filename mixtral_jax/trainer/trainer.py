@@ -44,7 +44,9 @@ def is_multiprocess_env(env=None) -> bool:
     return True
   if count("OMPI_COMM_WORLD_SIZE") > 1:
     return True
-  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+  # (libtpu may leave a warning sentence in this variable: hostnames have no spaces.)
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip() and " " not in h]
+  return len(hosts) > 1
 
 
 def maybe_initialize_distributed():
@@ -149,6 +151,7 @@ def make_train_step(config, graphdef, shardings, schedule, num_tasks: int):
       from mixtral_jax.model import router
       # Under jit the load is a global-view sum over the data-sharded batch: all shards' tokens.
       router.update_bias(model, jax.lax.stop_gradient(load_LE), rate)
+    # grad_norm before clipping; lr of this update; load [L_moe, E] summed over the global batch.
     metrics.update(grad_norm=optax.tree.norm(grads), lr=lr, load=load_LE)
     new_state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), shardings)
     return new_state, metrics
@@ -192,14 +195,20 @@ def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.max_to_keep,
                                async_save=t.async_checkpointing)
   start = 0
-  restored = ckpt.restore_latest(_pure(state))
+  try:
+    restored = ckpt.restore_latest(_pure(state))
+  except Exception:
+    ckpt.close()
+    raise
   if restored is not None:
     start, pure, data_state = restored
     nnx.replace_by_pure_dict(state, pure)
     data_it.set_state(data_state)
     log.info("resumed from step %d in %s", start, workdir)
 
-  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
+  model, _ = nnx.merge(graphdef, state)  # a view of the same arrays, to count its parameters
+  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  del model
   flops_per_token = 6.0 * metrics_lib.active_params(config.model, num_params)
   logger = metrics_lib.MetricsLogger(
       workdir, total_steps=t.steps, start_step=start, log_every=t.log_every, task_names=names,
