@@ -54,6 +54,7 @@ def _inputs(c):
 
 
 def _check_against_reference(implementation, c, interpret=True, tol=None):
+  """Kernel vs 'xla' reference: forward and the vjp of a random cotangent; returns the output."""
   q, k, v, mask, do = _inputs(c)
 
   def run(impl):
@@ -72,6 +73,7 @@ def _check_against_reference(implementation, c, interpret=True, tol=None):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert np.all(np.isfinite(np.asarray(g, np.float32))), name
     assert _rel_err(g, r) <= grad_tol, (f"d{name}", _rel_err(g, r), c)
+  return out
 
 
 # Interpret mode compiles a fresh kernel per shape (~10 s each on a shared 2-core box), so each
@@ -99,9 +101,11 @@ def test_pallas_triton_interpret_matches_reference(dtype, kind, data):
 
 
 def test_triton_pads_non_power_of_two_head_dim():
-  c = dict(batch=1, kv_heads=1, groups=2, head_dim=12, block_q=8, block_kv=8, t=16, s=24,
-           dtype=jnp.float32, causal=True, kind="random", density=0.6, seed=3)
-  _check_against_reference("pallas_triton", c)
+  # T > S: the first T - S queries precede every key and must come out as zeros.
+  c = dict(batch=1, kv_heads=1, groups=2, head_dim=12, block_q=8, block_kv=8, t=24, s=16,
+           dtype=jnp.float32, causal=True, kind="full", density=1.0, seed=3)
+  out = _check_against_reference("pallas_triton", c)
+  assert np.all(np.asarray(out)[:, :8] == 0.0)
 
 
 def _numpy_attention(q, k, v, mask_BKTS, sm_scale):
@@ -136,9 +140,11 @@ def test_pallas_tpu_splits_calls_to_fit_smem(monkeypatch):
   # One (batch, kv head) row per pallas_call, as for long sequences whose tile lists fill SMEM.
   from mixtral_jax.kernels.block_sparse_attention import pallas_tpu
   monkeypatch.setattr(pallas_tpu, "SMEM_BUDGET_INTS", 1)
-  c = dict(batch=2, kv_heads=2, groups=2, head_dim=8, block_q=8, block_kv=8, t=16, s=16,
+  # T > S: the first T - S queries precede every key and must come out as zeros.
+  c = dict(batch=2, kv_heads=2, groups=2, head_dim=8, block_q=8, block_kv=8, t=24, s=16,
            dtype=jnp.float32, causal=True, kind="random", density=0.7, seed=11)
-  _check_against_reference("pallas_tpu", c)
+  out = _check_against_reference("pallas_tpu", c)
+  assert np.all(np.asarray(out)[:, :8] == 0.0)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -56,13 +56,12 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
     s = _dot(q_ref[...], k_ref[...], _NT) * sm_scale
     if causal:
       visible = _visible(i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, s.shape, 0)
-      s = jnp.where(visible, s, MASK_VALUE)
+      # -inf (not a finite mask value) while m starts finite: a row with nothing visible gets p = 0.
+      s = jnp.where(visible, s, -jnp.inf)
     m_prev = m_sc[...]                                               # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
     p = jnp.exp(s - m_next[:, :1])
-    if causal:  # a row masked in every visited tile must keep l == 0, not exp(0) = 1
-      p = jnp.where(visible, p, 0.0)
     l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_next
     acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v)
@@ -91,10 +90,10 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     lse = jnp.expand_dims(lse_ref[0], -1)                            # [bq, 1]
     di = jnp.expand_dims(di_ref[0], -1)
     s = _dot(q_ref[...], k, _NT) * sm_scale
-    p = jnp.exp(s - lse)
     if causal:
       visible = _visible(i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, s.shape, 0)
-      p = jnp.where(visible, p, 0.0)
+      s = jnp.where(visible, s, -jnp.inf)
+    p = jnp.exp(s - lse)
     ds = p * (_dot(do_ref[...], v, _NT) - di)
     dq_sc[...] += _dot(ds.astype(k.dtype), k)
 
@@ -119,10 +118,10 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
   def _step():
     q, do = q_ref[...], do_ref[...]
     s_t = _dot(k_ref[...], q, _NT) * sm_scale                        # [bkv, bq]
-    p_t = jnp.exp(s_t - lse_ref[...])                                # lse is [1, bq]
     if causal:
       q_first = q_idx_ref[col * nq + u] * block_q + offset
-      p_t = jnp.where(_visible(q_first, j * block_kv, s_t.shape, 1), p_t, 0.0)
+      s_t = jnp.where(_visible(q_first, j * block_kv, s_t.shape, 1), s_t, -jnp.inf)
+    p_t = jnp.exp(s_t - lse_ref[...])                                # lse is [1, bq]
     dv_sc[...] += _dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot(v_ref[...], do, _NT) - di_ref[...])
     dk_sc[...] += _dot(ds_t.astype(q.dtype), q)

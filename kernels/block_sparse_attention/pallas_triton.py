@@ -4,7 +4,11 @@ Each program owns one (q tile, batch, head) -- or one kv tile for dk/dv -- and l
 tile's list from `mask_info.MaskInfo` only (a dynamic trip count), loading kv (or q) tiles by index.
 dk/dv are computed per query head and summed over each GQA group outside the kernel.
 On a GPU block_q and block_kv should be powers of two >= 16; head_dim is zero-padded to one.
+Logits are kept in base 2 (scaled by log2(e)) so the softmax runs on exp2; the saved log-sum-exp is
+base 2 too. Hidden logits are -inf while running maxima start finite, so a row with nothing visible
+gets p = 0 without a second select.
 """
+import math
 import functools
 
 import jax
@@ -14,6 +18,8 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from .reference import MASK_VALUE
+
+_LOG2E = math.log2(math.e)
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -47,15 +53,13 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     kv_block = kv_idx_ref[row * nk + jj]
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
-    s = _dot(q, k, _NT) * sm_scale
+    s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
     if causal:
       visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
-      s = jnp.where(visible, s, MASK_VALUE)
+      s = jnp.where(visible, s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp(m_prev - m_next)
-    p = jnp.exp(s - m_next[:, None])
-    if causal:  # a row masked in every visited tile must keep l == 0
-      p = jnp.where(visible, p, 0.0)
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - m_next[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
@@ -66,11 +70,11 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   empty = l == 0.0
   safe_l = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc * jnp.where(empty, 0.0, 1.0 / safe_l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(safe_l))
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(safe_l))
 
 
 def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, interpret=False):
-  """q [B, T, N, H], k/v [B, S, K, H] -> (out [B, T, N, H], lse [B, N, T] f32; +inf on empty rows)."""
+  """q [B, T, N, H], k/v [B, S, K, H] -> (out [B, T, N, H], base-2 lse [B, N, T] f32; +inf on empty rows)."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   nq, nk = t // block_q, s // block_kv
@@ -108,11 +112,11 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     kv_block = kv_idx_ref[row * nk + jj]
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
-    s = _dot(q, k, _NT) * sm_scale
-    p = jnp.exp(s - lse)
+    s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
     if causal:
       visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
-      p = jnp.where(visible, p, 0.0)
+      s = jnp.where(visible, s, -jnp.inf)
+    p = jnp.exp2(s - lse)
     dp = _dot(do, v, _NT)
     ds = p * (dp - di)
     return dq + _dot(ds.astype(k.dtype), k)
@@ -134,11 +138,11 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     rows = pl.ds(q_block * block_q, block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, di = lse_ref[rows], di_ref[rows]
-    s_t = _dot(k, q, _NT) * sm_scale   # [bkv, bq]
-    p_t = jnp.exp(s_t - lse[None, :])
+    s_t = _dot(k, q, _NT) * (sm_scale * _LOG2E)   # [bkv, bq]
     if causal:
       q_pos = q_block * block_q + offset + jnp.arange(block_q)
-      p_t = jnp.where(k_pos[:, None] <= q_pos[None, :], p_t, 0.0)
+      s_t = jnp.where(k_pos[:, None] <= q_pos[None, :], s_t, -jnp.inf)
+    p_t = jnp.exp2(s_t - lse[None, :])
     dv = dv + _dot(p_t.astype(do.dtype), do)
     dp_t = _dot(v, do, _NT)
     ds_t = p_t * (dp_t - di[None, :])
@@ -153,7 +157,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
 
 def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal, sm_scale,
                  interpret=False):
-  """Gradients (dq [B,T,N,H], dk, dv [B,S,K,H]) from the forward's out and lse [B, N, T]."""
+  """Gradients (dq [B,T,N,H], dk, dv [B,S,K,H]) from the forward's out and base-2 lse [B, N, T]."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   nq, nk = t // block_q, s // block_kv
