@@ -244,6 +244,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog, how):
   states = _save_two(d)
   _corrupt(os.path.join(d, "2"), how)
   ck = ckpt_lib.Checkpointer(d, max_to_keep=3)
+  assert ck.restore_latest(states[2], quarantine=False)[0] == 1  # a reader moves nothing
+  assert ck.all_steps() == [1, 2]
   with caplog.at_level(logging.WARNING):
     step, state, data_state = ck.restore_latest(states[2])
   assert step == 1 and data_state == {"pos": 1}
@@ -327,3 +329,10 @@ def test_checkpointer_keeps_max_to_keep(tmp_path):
   assert step == 3 and data_state == {"next_index": 3}
   np.testing.assert_array_equal(state["w"], [3.0, 3.0])
   ck.close()
+
+
+def test_cli_help_lists_flags():
+  out = subprocess.run([sys.executable, "-m", "mixtral_jax.train", "--help"], capture_output=True,
+                       text=True, timeout=120)
+  for flag in ("--config", "--workdir", "--[no]progress"):
+    assert flag in out.stdout, (out.stdout, out.stderr)

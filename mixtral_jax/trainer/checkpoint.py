@@ -75,11 +75,12 @@ class Checkpointer:
         state=ocp.args.StandardSave(_to_saveable(state)),
         data=ocp.args.JsonSave(data_state if data_state is not None else {})), force=True)
 
-  def restore_latest(self, target_state):
+  def restore_latest(self, target_state, *, quarantine: bool = True):
     """Restores the newest readable checkpoint into the structure/shardings of `target_state`.
 
     Returns (step, state, data_state), or None when the directory holds no checkpoint.
-    Raises CheckpointRestoreError when checkpoints exist but none restores.
+    Raises CheckpointRestoreError when checkpoints exist but none restores. With `quarantine`,
+    unreadable checkpoints newer than the restored one are moved aside (readers pass False).
     """
     self._manager.wait_until_finished()
     # Step folders orbax no longer recognizes (e.g. metadata deleted) still count as checkpoints
@@ -103,7 +104,7 @@ class Checkpointer:
                     "falling back to the previous checkpoint", step, self.directory,
                     type(e).__name__, str(e)[:500])
         continue
-      if errors:
+      if errors and quarantine:
         self._quarantine([s for s in steps if s > step])
       return step, state, data_state
     raise CheckpointRestoreError(
