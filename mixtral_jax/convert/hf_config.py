@@ -287,7 +287,8 @@ def _m3_text(hf: dict, m: ml_collections.ConfigDict):
     _fail("mlp_layer_types", f"expected {n} entries of 'dense'/'sparse', got {mlp_types}")
   num_dense = mlp_types.index("sparse") if "sparse" in mlp_types else n
   if any(t != "sparse" for t in mlp_types[num_dense:]):
-    _fail("mlp_layer_types", f"dense layers must be a prefix of the stack (num_dense_layers), got {mlp_types}")
+    _fail("mlp_layer_types",
+          f"dense layers must be a prefix of the stack (num_dense_layers), got {mlp_types}")
   m.num_dense_layers = num_dense
 
 

@@ -137,16 +137,16 @@ def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]],
     for ours, theirs in (("input_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm")):
       out.append(_identity(L + (ours, "scale"), p + theirs + ".weight", sh(ours, "scale")))
     a = L + ("attn",)
+    lin = lambda name, n_in=1: _linear(  # noqa: E731
+        a + (name, "kernel"), p + f"self_attn.{name}.weight", sh("attn", name, "kernel"), n_in)
+    norm = lambda name: _identity(  # noqa: E731
+        a + (name, "scale"), p + f"self_attn.{name}.weight", sh("attn", name, "scale"))
     if types[i] == "lightning":
-      for name, n_in in (("qkv_proj", 1), ("output_gate", 1), ("out_proj", 2)):
-        out.append(_linear(a + (name, "kernel"), p + f"self_attn.{name}.weight", sh("attn", name, "kernel"), n_in))
-      out.append(_identity(a + ("norm", "scale"), p + "self_attn.norm.weight", sh("attn", "norm", "scale")))
+      out += [lin("qkv_proj"), lin("output_gate"), lin("out_proj", 2), norm("norm")]
     else:
-      for name, n_in in (("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("o_proj", 2)):
-        out.append(_linear(a + (name, "kernel"), p + f"self_attn.{name}.weight", sh("attn", name, "kernel"), n_in))
+      out += [lin("q_proj"), lin("k_proj"), lin("v_proj"), lin("o_proj", 2)]
       if cfg.qk_norm != "none":
-        for name in ("q_norm", "k_norm"):
-          out.append(_identity(a + (name, "scale"), p + f"self_attn.{name}.weight", sh("attn", name, "scale")))
+        out += [norm("q_norm"), norm("k_norm")]
       if types[i] == "msa":
         for name in ("q_proj", "k_proj"):
           out.append(_linear(a + ("indexer", name, "kernel"), p + f"self_attn.indexer.{name}.weight",
