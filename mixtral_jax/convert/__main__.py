@@ -87,7 +87,7 @@ def restore_model(config, workdir: str, mesh=None):
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   graphdef, state, _, _ = create_train_state(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)
-  restored = ckpt.restore_latest(nnx.to_pure_dict(state))
+  restored = ckpt.restore_latest(nnx.to_pure_dict(state), quarantine=False)  # a reader moves nothing
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
