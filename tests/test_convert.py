@@ -336,3 +336,23 @@ def test_mixtral_sliding_window(tmp_path):
   ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
   assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
   assert hf_config.from_model_config(config.model, "mixtral")["sliding_window"] == 16
+
+
+def test_tied_embeddings(tmp_path):
+  cfg, cls = _m2()
+  cfg.tie_word_embeddings = True
+  torch.manual_seed(0)
+  hf_model = cls(cfg).eval()
+  _randomize(hf_model, 4)
+  hf_model.tie_weights()
+  path = str(tmp_path / "tied")
+  hf_model.save_pretrained(path)
+  model, config = from_hf(path, progress=False)
+  assert config.model.tie_embeddings and not hasattr(model, "lm_head")
+  tokens = np.random.RandomState(4).randint(0, COMMON["vocab_size"], (2, 16))
+  ref = _logits(hf_model, tokens)
+  assert np.abs(np.asarray(model(jnp.asarray(tokens, jnp.int32))) - ref).max() <= 1e-4 * np.abs(ref).max()
+  out = str(tmp_path / "tied_out")
+  to_hf(model, config, out, progress=False)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  np.testing.assert_array_equal(_logits(reloaded, tokens), ref)
