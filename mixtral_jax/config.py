@@ -101,6 +101,8 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.95,
       grad_clip=1.0,
+      loss_on="all",             # all: next-token loss on every real token (lm_mask);
+                                 # answers: only on the task answers (loss_mask; Zoology-style MQAR)
       log_every=10,
       checkpoint_every=50,
       max_to_keep=3,
@@ -208,6 +210,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
       _fail(f"train.{name}", f"must be a positive integer, got {t[name]!r}")
   if t.warmup_steps < 0 or t.warmup_steps > t.steps:
     _fail("train.warmup_steps", f"must be in [0, train.steps={t.steps}], got {t.warmup_steps}")
+  if t.loss_on not in ("all", "answers"):
+    _fail("train.loss_on", f"unknown {t.loss_on!r}; expected 'all' or 'answers'")
   if t.learning_rate <= 0:
     _fail("train.learning_rate", f"must be positive, got {t.learning_rate}")
   if num_devices is not None:

@@ -119,7 +119,7 @@ def restore_model(config, workdir: str):
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                max_to_keep=config.train.max_to_keep, async_save=False)
   try:
-    restored = ckpt.restore_latest(nnx.to_pure_dict(state))
+    restored = ckpt.restore_latest(nnx.to_pure_dict(state), quarantine=False)
   finally:
     ckpt.close()
   if restored is None:

@@ -135,13 +135,16 @@ def make_train_step(config, graphdef, shardings, schedule, num_tasks: int):
   m = config.model
   use_bias = bool(m.moe.use_bias) and m.num_dense_layers < m.num_layers
   rate = float(m.moe.bias_update_rate)
+  answers_only = config.train.get("loss_on", "all") == "answers"
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(model):
       logits_BTV, _, aux = model.forward(batch["inputs"])
-      loss, metrics = loss_and_metrics(logits_BTV, aux, batch, num_tasks)
+      # loss_on="answers": the next-token loss counts only the answer tokens (loss_mask).
+      loss_batch = {**batch, "lm_mask": batch["loss_mask"]} if answers_only else batch
+      loss, metrics = loss_and_metrics(logits_BTV, aux, loss_batch, num_tasks)
       return loss, (metrics, aux["load"])
 
     lr = schedule(optimizer.step[...])
