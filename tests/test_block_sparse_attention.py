@@ -242,6 +242,45 @@ def test_validation_names_the_argument(over, name):
     block_sparse_attention(**_args(**over))
 
 
+def test_default_falls_back_when_mosaic_gpu_rejects_the_shapes(monkeypatch):
+  # On Hopper the default is Mosaic GPU; where it raises ValueError while tracing, Triton runs.
+  from mixtral_jax.kernels.block_sparse_attention import api
+  calls = []
+
+  class Rejecting:
+    @staticmethod
+    def mha_forward(*args, **kwargs):
+      raise ValueError("unsupported head_dim")
+
+  def fake_module(implementation):
+    calls.append(implementation)
+    return Rejecting if implementation == "pallas_mosaic_gpu" else real_module(implementation)
+
+  real_module = api._backend_module
+  monkeypatch.setattr(api, "_backend_module", fake_module)
+  monkeypatch.setattr(api, "default_implementation", lambda: "pallas_mosaic_gpu")
+  a = _args()
+  out = jax.eval_shape(lambda q, k, v: api.block_sparse_attention(
+      q, k, v, a["block_mask"], block_q=8, block_kv=8, interpret=True), a["q"], a["k"], a["v"])
+  assert out.shape == a["q"].shape
+  assert calls[0] == "pallas_mosaic_gpu" and set(calls[1:]) == {"pallas_triton"}
+
+
+def test_default_falls_back_to_xla_when_triton_tiles_overflow(monkeypatch):
+  # f32 128 x 128 tiles of head_dim 128 overflow GPU shared memory: the compiled Triton path
+  # refuses them while tracing, and the default path then runs the reference.
+  from mixtral_jax.kernels.block_sparse_attention import api
+  monkeypatch.setattr(api, "default_implementation", lambda: "pallas_triton")
+  q, k, v, mask, _ = _inputs(dict(batch=1, kv_heads=1, groups=1, head_dim=128, t=256, s=256,
+                                  block_q=128, block_kv=128, dtype=jnp.float32, kind="random",
+                                  density=0.5, seed=2))
+  with pytest.raises(ValueError, match="block_q"):
+    block_sparse_attention(q, k, v, mask, block_q=128, block_kv=128, implementation="pallas_triton")
+  out = block_sparse_attention(q, k, v, mask, block_q=128, block_kv=128)
+  ref = block_sparse_attention(q, k, v, mask, block_q=128, block_kv=128, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
 def test_implementation_choice():
   with pytest.raises(ValueError, match="implementation"):
     block_sparse_attention(**_args(), implementation="cuda")

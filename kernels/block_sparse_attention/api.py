@@ -21,6 +21,8 @@ from . import masks as masks_lib
 from . import reference
 
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu")
+_FALLBACKS = {"pallas_mosaic_gpu": ("pallas_mosaic_gpu", "pallas_triton", "xla"),
+              "pallas_triton": ("pallas_triton", "xla")}
 _MODULES = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
             "pallas_mosaic_gpu": "mosaic_gpu"}
 
@@ -122,6 +124,18 @@ def _kernel_attention_bwd(st, residuals, do):
 _kernel_attention.defvjp(_forward, _kernel_attention_bwd)
 
 
+def _supports(q, k, v, block_mask, st):
+  """Whether st.implementation traces forward and backward for these shapes (no compile)."""
+  def fwd_bwd(q, k, v, block_mask):
+    out, vjp = jax.vjp(lambda q, k, v: _kernel_attention(q, k, v, block_mask, st), q, k, v)
+    return vjp(out)
+  try:
+    jax.eval_shape(fwd_bwd, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, block_mask)))
+    return True
+  except (ValueError, NotImplementedError):
+    return False
+
+
 def block_sparse_attention(q, k, v, block_mask, *, block_q, block_kv, causal=True, sm_scale=None,
                            implementation=None, interpret=False):
   """Attention computed only on the (query tile, key tile) pairs that block_mask selects.
@@ -133,20 +147,30 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q, block_kv, causal=Tru
     causal: also mask inside tiles: query i sees key j iff j <= i + S - T.
     sm_scale: logit scale, default 1/sqrt(H).
     implementation: 'xla' (pure jnp reference), 'pallas_tpu', 'pallas_triton', 'pallas_mosaic_gpu',
-      or None for the best on the current backend.
+      or None for the best on the current backend (on GPU: Mosaic GPU on Hopper where it supports
+      the dtype and tile sizes, else Triton where its tiles fit, else 'xla').
     interpret: run Pallas kernels in interpret mode (CPU).
   Returns:
     [B, T, N, H] in q's dtype; query rows with no visible key are zero. Differentiable in q, k, v.
   """
   block_mask = jnp.asarray(block_mask) if not isinstance(block_mask, jax.Array) else block_mask
-  implementation = implementation or default_implementation()
-  _validate(q, k, v, block_mask, block_q, block_kv, implementation)
+  chosen = implementation or default_implementation()
+  _validate(q, k, v, block_mask, block_q, block_kv, chosen)
   sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale)
-  if implementation == "xla":
+  if chosen == "xla":
     return reference.block_sparse_attention_reference(
         q, k, v, block_mask, block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale)
   if causal:  # tiles wholly in the future hold nothing: drop them so kernels never visit them
     t, s = q.shape[1], k.shape[1]
     block_mask = block_mask & masks_lib.causal_block_mask(t, s, block_q=block_q, block_kv=block_kv)
-  st = _Static(implementation, block_q, block_kv, bool(causal), sm_scale, bool(interpret))
+  st = _Static(chosen, block_q, block_kv, bool(causal), sm_scale, bool(interpret))
+  if implementation is None:
+    # The GPU kernels cover fewer dtypes / tile sizes than the reference: take the first that traces.
+    for candidate in _FALLBACKS.get(chosen, (chosen,)):
+      st = dataclasses.replace(st, implementation=candidate)
+      if candidate == "xla" or _supports(q, k, v, block_mask, st):
+        break
+    if st.implementation == "xla":
+      return reference.block_sparse_attention_reference(
+          q, k, v, block_mask, block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale)
   return _kernel_attention(q, k, v, block_mask, st)

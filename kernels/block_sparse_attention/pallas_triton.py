@@ -32,8 +32,21 @@ def _dot(a, b, dims=_NN):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _compiler_params(head_dim):
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def _compiler_params(head_dim, itemsize, block_q, block_kv):
+  # Two pipeline stages of K and V (or Q and dO) tiles must fit shared memory (227 KiB on H100):
+  # f32 128x128 tiles with head_dim 128 do not.
+  stage_bytes = 2 * max(block_q, block_kv) * head_dim * itemsize
+  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8,
+                              num_stages=2 if 2 * stage_bytes <= 128 * 1024 else 1)
+
+
+def _check_fits(dtype, head_dim, block_q, block_kv, interpret):
+  # Measured on H100: f32 tiles of 128 x 128 (64 KiB) ask Triton for 256 KiB of shared memory.
+  tile_bytes = max(block_q, block_kv) * head_dim * jnp.dtype(dtype).itemsize
+  if not interpret and tile_bytes > 32 * 1024:
+    raise ValueError(f"pallas_triton: block_q={block_q}/block_kv={block_kv} tiles of head_dim "
+                     f"{head_dim} in {jnp.dtype(dtype).name} ({tile_bytes} bytes) overflow GPU shared "
+                     "memory; use tiles of at most 32 KiB (e.g. bf16, or blocks of 64)")
 
 
 def _pad_head(x, h_pad):
@@ -80,6 +93,7 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, inte
   nq, nk = t // block_q, s // block_kv
   groups = n // kh
   hp = pl.next_power_of_2(h)
+  _check_fits(q.dtype, hp, block_q, block_kv, interpret)
   kernel = functools.partial(
       _fwd_kernel, groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q,
       block_kv=block_kv, causal=causal, sm_scale=sm_scale, offset=s - t)
@@ -92,7 +106,7 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, inte
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b_, n_: (b_, n_, i))],
       out_shape=[jax.ShapeDtypeStruct((b, t, n, hp), q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      compiler_params=_compiler_params(hp),
+      compiler_params=_compiler_params(hp, q.dtype.itemsize, block_q, block_kv),
       interpret=interpret,
       name="block_sparse_attention_fwd_triton",
   )(mask_info.kv_indices.reshape(-1), mask_info.kv_counts.reshape(-1),
@@ -163,12 +177,13 @@ def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal,
   nq, nk = t // block_q, s // block_kv
   groups = n // kh
   hp = pl.next_power_of_2(h)
+  _check_fits(q.dtype, hp, block_q, block_kv, interpret)
   do = do.astype(q.dtype)
   di = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   q_, k_, v_, do_ = (_pad_head(x, hp) for x in (q, k, v, do))
   static = dict(groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q, block_kv=block_kv,
                 causal=causal, sm_scale=sm_scale, offset=s - t)
-  params = _compiler_params(hp)
+  params = _compiler_params(hp, q.dtype.itemsize, block_q, block_kv)
 
   q_spec = pl.BlockSpec((None, block_q, None, hp), lambda i, b_, n_: (b_, i, n_, 0))
   kv_full = pl.BlockSpec((None, s, None, hp), lambda i, b_, n_: (b_, 0, n_ // groups, 0))
