@@ -32,11 +32,18 @@ def _dot(a, b, dims=_NN):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _visible(q_first, k_first, shape, q_axis):
-  """Causal mask of one tile: key position <= query position. q positions run along q_axis."""
-  q_pos = q_first + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-  k_pos = k_first + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-  return k_pos <= q_pos
+def _hide_future(s, q_first, k_first, q_axis):
+  """-inf where key position > query position in one tile (q positions run along q_axis).
+
+  -inf (not a finite mask value) while running maxima start finite: a row with nothing visible
+  gets p = 0. The select runs only on tiles that straddle the diagonal.
+  """
+  def hide(s):
+    q_pos = q_first + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
+    k_pos = k_first + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
+    return jnp.where(k_pos <= q_pos, s, -jnp.inf)
+  straddles = k_first + s.shape[1 - q_axis] - 1 > q_first
+  return lax.cond(straddles, hide, lambda s: s, s)
 
 
 def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
@@ -55,9 +62,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
     v = v_ref[...]
     s = _dot(q_ref[...], k_ref[...], _NT) * sm_scale
     if causal:
-      visible = _visible(i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, s.shape, 0)
-      # -inf (not a finite mask value) while m starts finite: a row with nothing visible gets p = 0.
-      s = jnp.where(visible, s, -jnp.inf)
+      s = _hide_future(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0)
     m_prev = m_sc[...]                                               # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
@@ -91,8 +96,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     di = jnp.expand_dims(di_ref[0], -1)
     s = _dot(q_ref[...], k, _NT) * sm_scale
     if causal:
-      visible = _visible(i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, s.shape, 0)
-      s = jnp.where(visible, s, -jnp.inf)
+      s = _hide_future(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0)
     p = jnp.exp(s - lse)
     ds = p * (_dot(do_ref[...], v, _NT) - di)
     dq_sc[...] += _dot(ds.astype(k.dtype), k)
@@ -120,7 +124,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     s_t = _dot(k_ref[...], q, _NT) * sm_scale                        # [bkv, bq]
     if causal:
       q_first = q_idx_ref[col * nq + u] * block_q + offset
-      s_t = jnp.where(_visible(q_first, j * block_kv, s_t.shape, 1), s_t, -jnp.inf)
+      s_t = _hide_future(s_t, q_first, j * block_kv, 1)
     p_t = jnp.exp(s_t - lse_ref[...])                                # lse is [1, bq]
     dv_sc[...] += _dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot(v_ref[...], do, _NT) - di_ref[...])

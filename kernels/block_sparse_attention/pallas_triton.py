@@ -49,6 +49,19 @@ def _check_fits(dtype, head_dim, block_q, block_kv, interpret):
                      "memory; use tiles of at most 32 KiB (e.g. bf16, or blocks of 64)")
 
 
+def _hide_future(s, q_first, k_first, q_axis=0):
+  """-inf where key position > query position in one tile (q positions run along q_axis); the
+  select runs only on tiles that straddle the diagonal."""
+  n_q, n_k = s.shape[q_axis], s.shape[1 - q_axis]
+
+  def hide(s):
+    q_pos = q_first + jnp.arange(n_q)
+    k_pos = k_first + jnp.arange(n_k)
+    visible = (k_pos[None, :] <= q_pos[:, None]) if q_axis == 0 else (k_pos[:, None] <= q_pos[None, :])
+    return jnp.where(visible, s, -jnp.inf)
+  return lax.cond(k_first + n_k - 1 > q_first, hide, lambda s: s, s)
+
+
 def _pad_head(x, h_pad):
   h = x.shape[-1]
   return x if h == h_pad else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, h_pad - h)])
@@ -59,7 +72,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row = (b * num_kv_heads + n // groups) * nq + i
   q = q_ref[...]
-  q_pos = i * block_q + offset + jnp.arange(block_q)
+  q_first = i * block_q + offset
 
   def body(jj, carry):
     acc, m_prev, l_prev = carry
@@ -68,8 +81,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
     s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
     if causal:
-      visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
-      s = jnp.where(visible, s, -jnp.inf)
+      s = _hide_future(s, q_first, kv_block * block_kv)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
@@ -120,7 +132,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
   row = (b * num_kv_heads + n // groups) * nq + i
   q, do = q_ref[...], do_ref[...]
   lse, di = lse_ref[...][:, None], di_ref[...][:, None]
-  q_pos = i * block_q + offset + jnp.arange(block_q)
+  q_first = i * block_q + offset
 
   def body(jj, dq):
     kv_block = kv_idx_ref[row * nk + jj]
@@ -128,8 +140,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
     s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
     if causal:
-      visible = (kv_block * block_kv + jnp.arange(block_kv))[None, :] <= q_pos[:, None]
-      s = jnp.where(visible, s, -jnp.inf)
+      s = _hide_future(s, q_first, kv_block * block_kv)
     p = jnp.exp2(s - lse)
     dp = _dot(do, v, _NT)
     ds = p * (dp - di)
@@ -144,7 +155,6 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
   j, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   col = (b * num_kv_heads + n // groups) * nk + j
   k, v = k_ref[...], v_ref[...]
-  k_pos = j * block_kv + jnp.arange(block_kv)
 
   def body(rr, carry):
     dk, dv = carry
@@ -154,8 +164,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     lse, di = lse_ref[rows], di_ref[rows]
     s_t = _dot(k, q, _NT) * (sm_scale * _LOG2E)   # [bkv, bq]
     if causal:
-      q_pos = q_block * block_q + offset + jnp.arange(block_q)
-      s_t = jnp.where(k_pos[:, None] <= q_pos[None, :], s_t, -jnp.inf)
+      s_t = _hide_future(s_t, q_block * block_q + offset, j * block_kv, q_axis=1)
     p_t = jnp.exp2(s_t - lse[None, :])
     dv = dv + _dot(p_t.astype(do.dtype), do)
     dp_t = _dot(v, do, _NT)
