@@ -1,15 +1,17 @@
 """Block-sparse attention vs cuDNN dense causal on one GPU: forward and forward+backward TFLOP/s.
 
-  python3 benchmarks/attention.py                        # S = 8K, 32K (and 128K with --long)
+  python3 benchmarks/attention.py --long --band          # the RESULTS.md table (S = 8K, 32K, 128K)
   python3 benchmarks/attention.py --seqs 8192 --reps 5   # quicker
+  python3 benchmarks/attention.py --kernel-only          # + mosaic_gpu kernels alone, both CTA orders
 
 B=1, H=16 (q and kv heads), D=128, bf16, tiles 128x128, random data. Our kernels run at block
 densities 1, 1/2, 1/4, 1/8 of the causal tiles (the diagonal tile of every q tile is always kept, the
 rest drawn at random). TFLOP/s counts dense-equivalent FLOPs of the computed tiles (causal tiles count
 half on the diagonal, so density 1 is 4*B*H*S*S*D/2; forward+backward counts 3.5x forward).
 "ratio" is TFLOP/s over cuDNN's; "t/(d*cuDNN)" is forward time over density x cuDNN's dense causal
-time (issue 4's target: <= 1.2), d being the share of causal tiles the mask keeps (printed). jax's own Mosaic-GPU flash attention (attention_mgpu) runs in fp16
-(its kernel stages in f16) and forward only (its backward has no causal mode).
+time (issue 4's target: <= 1.2), d being the share of causal tiles the mask keeps (printed).
+jax's own Mosaic-GPU flash attention (attention_mgpu) runs in fp16 (its kernel stages in f16), on a
+pre-scaled q (it has no softmax scale) and forward only (its backward has no causal mode).
 Every implementation is first checked against the f32 reference at the first sequence length.
 """
 import argparse
