@@ -2,7 +2,8 @@
 mask metadata and input validation.
 
 Tolerances (max abs error over max(1, max |reference|)): float32 1e-5 (forward) and 2e-5 (grads);
-bfloat16 2e-2. The reference itself is checked against a per-row numpy softmax.
+bfloat16 2e-2; compiled Triton on a GPU (skipped elsewhere) float32 1e-4. The reference itself is
+checked against a per-row numpy softmax. BSA_HYPOTHESIS_EXAMPLES=n draws more shapes.
 """
 import os
 

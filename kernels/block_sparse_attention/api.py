@@ -4,9 +4,10 @@ Backend modules share one contract (pallas_tpu.py, pallas_triton.py, and mosaic_
 separately):
   mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale) -> (out [B,T,N,H], res)
   mha_backward(q, k, v, out, res, do, mask_info, *, block_q, block_kv, causal, sm_scale) -> (dq, dk, dv)
-where `res` is whatever the forward saves for the backward (the log-sum-exp [B, N, T] f32 here) and
-mask_info is a `mask_info.MaskInfo` of the causally pruned block mask. pallas_tpu and pallas_triton
-also take `interpret`.
+where `res` is whatever the forward saves for its own backward (a log-sum-exp [B, N, T] f32 in each
+kernel here, natural or base 2 as that module chooses) and mask_info is a `mask_info.MaskInfo` of the
+causally pruned block mask. pallas_tpu and pallas_triton also take `interpret`. A module raises
+ValueError for shapes it does not support; implementation=None then falls back (see _FALLBACKS).
 """
 import dataclasses
 import functools
