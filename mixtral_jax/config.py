@@ -47,6 +47,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   # One entry per layer, or a period repeated to num_layers ([lightning]*7 + [full]).
   m.attention_pattern = ("full",)
   m.attention_impl = "xla"     # xla | pallas_tpu | pallas_triton | pallas_mosaic_gpu | None (best)
+  m.attention_block = 128      # tile size (block_q = block_kv) of the Pallas attention kernels
   m.window = 64                # swa: each query sees itself and the window-1 keys before it
   m.lightning_block = 64       # lightning: block size of the intra/inter-block training form
   m.msa = ml_collections.ConfigDict(dict(

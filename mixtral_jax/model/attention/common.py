@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -134,23 +136,59 @@ def token_mask(q_positions_BT, k_positions_BS, *, window=None, block_mask_BKTC=N
 
 
 def attention_core(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, k_positions_BS, window=None,
-                   block_mask_BKTC=None, block_kv=None, implementation="xla"):
+                   block_mask_BKTC=None, block_kv=None, implementation="xla", kernel_block=128):
   """Causal GQA softmax attention over keys at `k_positions_BS`, optionally windowed/block-sparse.
 
   q [B,T,N,H]; k, v [B,S,K,H]; positions int32 (k_positions broadcastable to [B, S]; unwritten
   cache slots carry EMPTY_POSITION). block_mask_BKTC bool [B, K, T, ceil(S / block_kv)]: the
   key blocks each query of each kv group selected (its own block is always among them).
-  implementation: 'xla' (or None) builds the dense mask and calls `softmax_attention`; a Pallas
-  block-sparse kernel plugs in here, fed by the same block mask (rows of block_q queries).
-  Returns y [B, T, N, H].
+  implementation: 'xla' builds the dense mask and calls `softmax_attention`. A Pallas kernel
+  ('pallas_tpu' | 'pallas_triton' | 'pallas_mosaic_gpu' | None = best for the backend; on CPU they
+  run in interpret mode) serves the plain causal self-attention of a whole sequence (T == S, no
+  window, no block selection: the training forward and a prefill that fills its cache) with
+  tiles of `kernel_block`; the other cases, which need token-level masks inside tiles, stay on
+  the XLA path (logged once). Returns y [B, T, N, H].
   """
-  if implementation not in XLA_IMPLS:
-    raise NotImplementedError(
-        f"attention implementation {implementation!r} is not available yet; use 'xla'")
+  if implementation not in XLA_IMPLS or implementation is None:
+    y = _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation,
+                          kernel_block)
+    if y is not None:
+      return y
   k_positions_BS = jnp.broadcast_to(k_positions_BS, (q_BTNH.shape[0], k_BSKH.shape[1]))
   mask_BKTS = token_mask(q_positions_BT, k_positions_BS, window=window,
                          block_mask_BKTC=block_mask_BKTC, block_kv=block_kv)
   return softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask_BKTS[:, :, None])
+
+
+_FALLBACK_LOGGED = set()
+
+
+def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation, block):
+  """The block-sparse kernel on the causal tile mask, or None where it cannot be exact."""
+  from mixtral_jax import kernels
+
+  b, t, _, _ = q_BTNH.shape
+  s, kv_heads = k_BSKH.shape[1], k_BSKH.shape[2]
+  block = min(block, t)
+  reason = ("a sliding window" if window is not None else
+            "per-query block selection" if block_mask_BKTC is not None else
+            "a cache longer than the chunk (decode)" if s != t else
+            f"length {t} not a multiple of the kernel block {block}" if t % block else None)
+  if reason is not None:
+    if (implementation, reason) not in _FALLBACK_LOGGED:
+      _FALLBACK_LOGGED.add((implementation, reason))
+      logging.info("attention_impl=%s: %s needs token-level masks; using the XLA path",
+                   implementation, reason)
+    return None
+  implementation = implementation or kernels.default_implementation()
+  if implementation == "xla":
+    return None
+  mask = kernels.broadcast_mask(
+      kernels.causal_block_mask(t, s, block_q=block, block_kv=block), b, kv_heads)
+  return kernels.block_sparse_attention(
+      q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask, block_q=block,
+      block_kv=block, causal=True, implementation=implementation,
+      interpret=jax.default_backend() == "cpu")
 
 
 def expand_block_mask(block_mask_BKTC, block_kv: int, num_keys: int):

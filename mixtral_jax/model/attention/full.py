@@ -16,5 +16,6 @@ class FullAttention(SoftmaxAttentionBase):
       cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
       k_BSKH, v_BSKH, k_pos = cache.k_BSKH, cache.v_BSKH, cache.positions_1S
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
-                            k_positions_BS=k_pos, implementation=self.cfg.attention_impl)
+                            k_positions_BS=k_pos, implementation=self.cfg.attention_impl,
+                            kernel_block=self.cfg.attention_block)
     return self.o_proj(y_BTNH), cache, {}
