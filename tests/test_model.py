@@ -128,3 +128,40 @@ def test_pallas_kernel_in_the_model_matches_xla(impl, monkeypatch):
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-4, rtol=1e-4)
   for (path, g), (_, w) in zip(nnx.to_flat_state(got_grads), nnx.to_flat_state(want_grads)):
     np.testing.assert_allclose(g[...], w[...], atol=1e-5, rtol=1e-4, err_msg=str(path))
+
+
+def test_scanned_layers_equal_unrolled_layers_and_decode():
+  """scan_layers stacks runs of identical layers (here 1 dense + 3 MoE full layers -> 1 + scan(3))
+  and must compute exactly what the unrolled stack computes, in forward and in decode."""
+  cfg = tiny(("full",), num_layers=4, num_dense_layers=1)
+  unrolled = Transformer(cfg, rngs=nnx.Rngs(0))
+  scfg = cfg.copy_and_resolve_references()
+  scfg.scan_layers = True
+  scanned = Transformer(scfg, rngs=nnx.Rngs(1))
+  assert [type(l).__name__ for l in scanned.layers] == ["Block", "ScannedBlocks"]
+  # Transplant the unrolled weights (and router biases) into the stacked layout.
+  per_layer = [nnx.state(unrolled.layers[i]) for i in (1, 2, 3)]
+  nnx.update(scanned.layers[1].blocks, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer))
+  for name in ("embed", "final_norm", "lm_head"):
+    nnx.update(getattr(scanned, name), nnx.state(getattr(unrolled, name)))
+  nnx.update(scanned.layers[0], nnx.state(unrolled.layers[0]))
+  tokens = jax.random.randint(jax.random.key(4), (2, 24), 0, cfg.vocab_size)
+  want, _, want_aux = unrolled.forward(tokens)
+  got, _, got_aux = scanned.forward(tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got_aux["load"], want_aux["load"])
+  _, cache = generate.prefill(scanned, tokens[:, :13], max_len=24)
+  for t in range(13, 24):
+    step, cache = generate.decode_step(scanned, tokens[:, t:t + 1], t, cache)
+    np.testing.assert_allclose(step, want[:, t], atol=2e-4, rtol=2e-4)
+
+
+def test_scanned_parameters_are_created_sharded():
+  from mixtral_jax import sharding
+  cfg = tiny(("full",), num_layers=3, num_dense_layers=0, scan_layers=True)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
+  with jax.set_mesh(mesh):
+    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+  gate_proj = model.layers[0].blocks.mlp.gate_proj[...]
+  assert gate_proj.shape == (3, 4, 32, 16)  # [layers, experts, D, F]
+  assert tuple(gate_proj.sharding.spec)[:3] == (None, "expert", "fsdp")

@@ -67,6 +67,63 @@ class Block(nnx.Module):
     return constrain(x_BTD, "batch", "length", "embed"), cache, {"load": load, "losses": losses}
 
 
+class ScannedBlocks(nnx.Module):
+  """`n` consecutive identical blocks with parameters stacked on a leading layer axis, applied with
+  nnx.scan: one compiled block instead of n (compile time and memory of the big configs)."""
+
+  def __init__(self, cfg, start: int, n: int, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n, transform_metadata={nnx.PARTITION_NAME: None})
+    def create(rngs):
+      return Block(cfg, start, rngs=rngs)
+
+    self.blocks = create(rngs)
+    self.n = n
+    self.remat = bool(cfg.remat)
+
+  def __call__(self, x_BTD, positions_BT, cache=None):
+    """Like Block.__call__; the cache and aux["load"] carry a leading [n] layer axis."""
+    def apply(block, x, c):
+      if self.remat and c is None:
+        return nnx.remat(lambda b, x: b(x, positions_BT))(block, x)
+      return block(x, positions_BT, c)
+
+    if cache is None:
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
+      def body(block, x):
+        x, _, aux = apply(block, x, None)
+        return x, aux
+      x_BTD, aux = body(self.blocks, x_BTD)
+    else:
+      @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0))
+      def body(block, x, c):
+        return apply(block, x, c)
+      x_BTD, cache, aux = body(self.blocks, x_BTD, cache)
+    losses = {name: jnp.sum(v) for name, v in aux["losses"].items()}
+    return x_BTD, cache, {"load": aux["load"], "losses": losses}
+
+  def init_cache(self, batch: int, max_len: int, dtype):
+    one = self.blocks.attn.init_cache(batch, max_len, dtype)  # shapes come from the config only
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n,) + a.shape), one)
+
+
+def layer_segments(cfg) -> list[tuple[int, int]]:
+  """(first layer, count) of each block the model holds: with cfg.scan_layers, runs of consecutive
+  layers of the same attention type and MLP kind become one scanned segment (Mixtral and M2: all
+  layers; M3: 3 dense-attention + the MSA layers). Lightning layers stay single: their decay
+  slopes depend on the layer index."""
+  types = pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
+  segments, prev = [], None
+  for i, t in enumerate(types):
+    key = (t, i >= cfg.num_dense_layers)
+    if cfg.scan_layers and key == prev and t != "lightning":
+      segments[-1][1] += 1
+    else:
+      segments.append([i, 1])
+    prev = key
+  return [tuple(s) for s in segments]
+
+
 class Transformer(nnx.Module):
   """model(tokens_BT) -> float32 logits [B, T, V]; model.forward(...) adds the cache and aux."""
 
@@ -75,7 +132,10 @@ class Transformer(nnx.Module):
     dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype)
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    # layers[i] is Block i, or (cfg.scan_layers) a ScannedBlocks of a run of identical layers.
+    self.layers = nnx.List([
+        Block(cfg, start, rngs=rngs) if n == 1 else ScannedBlocks(cfg, start, n, rngs=rngs)
+        for start, n in layer_segments(cfg)])
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps,
                                      zero_centered=cfg.norm_zero_centered, rngs=rngs,
                                      param_dtype=param_dtype)
@@ -100,13 +160,13 @@ class Transformer(nnx.Module):
     new_cache, loads, losses = [], [], {}
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      if self.cfg.remat and cache is None:
+      if self.cfg.remat and cache is None and isinstance(block, Block):
         x_BTD, layer_cache, aux = nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, positions_BT)
       else:
         x_BTD, layer_cache, aux = block(x_BTD, positions_BT, layer_cache)
       new_cache.append(layer_cache)
       if aux["load"] is not None:
-        loads.append(aux["load"])
+        loads.append(aux["load"].reshape(-1, aux["load"].shape[-1]))
       for name, value in aux["losses"].items():
         losses[name] = losses.get(name, 0.0) + value
     x_BTD = self.final_norm(x_BTD)
@@ -115,13 +175,15 @@ class Transformer(nnx.Module):
     else:
       logits = self.lm_head(x_BTD)
     logits = constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
-    load = jnp.stack(loads) if loads else jnp.zeros((0, self.cfg.moe.num_experts), jnp.float32)
+    load = (jnp.concatenate(loads) if loads
+            else jnp.zeros((0, self.cfg.moe.num_experts), jnp.float32))
     return logits, (None if cache is None else new_cache), {"load": load, "losses": losses}
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[Any]:
     """One cache per layer, sized for `max_len` positions."""
     dtype = dtype or layers.dtype_of(self.cfg.dtype)
-    return [block.attn.init_cache(batch, max_len, dtype) for block in self.layers]
+    return [block.init_cache(batch, max_len, dtype) if isinstance(block, ScannedBlocks)
+            else block.attn.init_cache(batch, max_len, dtype) for block in self.layers]
 
 
 def count_params(model_or_state, cfg) -> dict[str, int]:
