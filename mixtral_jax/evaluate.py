@@ -41,19 +41,25 @@ def evaluate_model(model, config) -> dict:
   Returns {"accuracy": {task: {length: acc}}, "perplexity": {...}, "train_seq_len": int, ...}.
   """
   e = config.eval
-  report = {"accuracy": {}, "answers": {}, "perplexity": {}, "train_seq_len": config.train.seq_len,
+  report = {"accuracy": {}, "token_accuracy": {}, "answers": {}, "perplexity": {},
+            "train_seq_len": config.train.seq_len,
             "window": (config.model.window if "swa" in config.model.attention_pattern else None),
             "attention_pattern": list(config.model.attention_pattern)}
   for task in e.tasks:
-    report["accuracy"][task], report["answers"][task] = {}, {}
+    for key in ("accuracy", "token_accuracy", "answers"):
+      report[key][task] = {}
     for length in e.lengths:
-      right = total = 0
+      right = total = tok_right = tok_total = 0
       for batch in pipeline.make_eval_batches(task, length, e.num_examples, e.batch_size,
                                               seed=config.seed + 1):
-        logits = _logits(model, jnp.asarray(batch["inputs"]))
-        r, t = tasks_lib.score_counts(task, np.asarray(logits), batch)
+        logits = np.asarray(_logits(model, jnp.asarray(batch["inputs"])))
+        r, t = tasks_lib.score_counts(task, logits, batch)
         right, total = right + r, total + t
+        mask = batch["loss_mask"] > 0
+        tok_right += int((logits.argmax(-1) == batch["targets"])[mask].sum())
+        tok_total += int(mask.sum())
       report["accuracy"][task][str(length)] = right / max(total, 1)
+      report["token_accuracy"][task][str(length)] = tok_right / max(tok_total, 1)
       report["answers"][task][str(length)] = total
   if e.perplexity:
     # Held-out data: text files when the run trained on text, else fresh synthetic examples of the
@@ -72,11 +78,14 @@ def evaluate_model(model, config) -> dict:
 
 
 def format_table(report) -> str:
+  """Exact-match accuracy per answer (all of an answer's tokens right) and per answer token."""
   lengths = sorted({int(l) for acc in report["accuracy"].values() for l in acc})
-  head = f"{'task':<20}" + "".join(f"{l:>9}" for l in lengths)
+  head = f"{'context length':<32}" + "".join(f"{l:>9}" for l in lengths)
   lines = [head, "-" * len(head)]
-  for task, acc in report["accuracy"].items():
-    lines.append(f"{task:<20}" + "".join(f"{acc.get(str(l), float('nan')):>9.3f}" for l in lengths))
+  for key, label in (("accuracy", "exact match"), ("token_accuracy", "answer tokens")):
+    for task, acc in report[key].items():
+      name = f"{task} ({label})"
+      lines.append(f"{name:<32}" + "".join(f"{acc.get(str(l), float('nan')):>9.3f}" for l in lengths))
   for source, ppl in report["perplexity"].items():
     lines.append(f"perplexity[{source}] at {report['train_seq_len']}: {ppl:.3f}")
   return "\n".join(lines)
@@ -88,16 +97,21 @@ def plot(report, path: str):
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for task, acc in report["accuracy"].items():
+  for i, (task, acc) in enumerate(report["accuracy"].items()):
     lengths = sorted(int(l) for l in acc)
-    ax.plot(lengths, [acc[str(l)] for l in lengths], marker="o", label=task)
+    color = f"C{i}"
+    ax.plot(lengths, [acc[str(l)] for l in lengths], marker="o", color=color,
+            label=f"{task}: exact match")
+    tok = report["token_accuracy"][task]
+    ax.plot(lengths, [tok[str(l)] for l in lengths], marker=".", ls="--", color=color,
+            label=f"{task}: answer tokens")
   ax.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")
   if report.get("window"):
     ax.axvline(report["window"], color="tab:red", ls=":", lw=1, label="SWA window")
   ax.set_xscale("log", base=2)
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel("context length (tokens)")
-  ax.set_ylabel("exact-match accuracy")
+  ax.set_ylabel("accuracy")
   ax.set_title("accuracy vs context length: " + "/".join(dict.fromkeys(report["attention_pattern"])))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
