@@ -8,6 +8,7 @@ and `to_hf` -> transformers / `from_hf` round trips bit-identical.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -356,3 +357,26 @@ def test_tied_embeddings(tmp_path):
   to_hf(model, config, out, progress=False)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   np.testing.assert_array_equal(_logits(reloaded, tokens), ref)
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_scanned_layers(tmp_path, use_mesh):
+  """config.model.scan_layers: the identical layers' params are stacked; loads and writes per layer."""
+  _, path = _build("minimax_m2", tmp_path)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  config = config_lib.default_config()
+  config.model.scan_layers = True
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=2, tensor=2)) if use_mesh else None
+  model, config = from_hf(path, mesh=mesh, config=config, progress=False)
+  assert config.model.scan_layers and model.layers[0].blocks.attn.q_proj.kernel[...].shape[0] == 4
+  tokens = np.random.RandomState(5).randint(0, COMMON["vocab_size"], (2, 32))
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  ref = _logits(hf_model, tokens)
+  assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+  out = str(tmp_path / "scan_out")
+  to_hf(model, config, out, progress=False)
+  a, b = safetensors_io.SafetensorsReader(path), safetensors_io.SafetensorsReader(out)
+  assert sorted(a.names()) == sorted(b.names())
+  for n in a.names():
+    assert np.array_equal(a.read(n), b.read(n)), n

@@ -77,6 +77,59 @@ def _set(tree, path, value):
   _walk(tree, path[:-1])[path[-1]] = value
 
 
+class _Layers:
+  """Logical per-layer paths ('layers', i, ...) <-> the model's own (with cfg.scan_layers, runs of
+  identical layers are one ScannedBlocks whose params are stacked: ('layers', seg, 'blocks', ...)
+  with layer j of the run at index j of axis 0)."""
+
+  def __init__(self, cfg):
+    from mixtral_jax.model.transformer import layer_segments
+    self.segments = layer_segments(cfg)
+    self.where = {start + j: (seg, j if n > 1 else None)
+                  for seg, (start, n) in enumerate(self.segments) for j in range(n)}
+
+  def physical(self, path):
+    """(model path, index along the stacked axis or None)."""
+    if path[0] != "layers":
+      return path, None
+    seg, j = self.where[path[1]]
+    if j is None:
+      return ("layers", seg) + path[2:], None
+    return ("layers", seg, "blocks") + path[2:], j
+
+  def logical_shapes(self, shapes):
+    out = {}
+    for path, shape in shapes.items():
+      if path[0] != "layers":
+        out[path] = shape
+        continue
+      start, n = self.segments[path[1]]
+      if n == 1:
+        out[("layers", start) + path[2:]] = shape
+      else:
+        for j in range(n):
+          out[("layers", start + j) + path[3:]] = shape[1:]
+    return out
+
+  def block(self, model, i):
+    seg, j = self.where[i]
+    assert j is None, "lightning layers are never scanned"
+    return model.layers[seg]
+
+
+_SETTERS: dict = {}
+
+
+def _set_layer(buf, value, j: int):
+  """buf[j] = value on device (buf donated), keeping buf's sharding."""
+  f = _SETTERS.get(buf.sharding)
+  if f is None:
+    f = _SETTERS[buf.sharding] = jax.jit(
+        lambda b, v, j: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), j, 0),
+        donate_argnums=0, out_shardings=buf.sharding)
+  return f(buf, value, jax.numpy.int32(j))
+
+
 def _progress(total, desc, enabled):
   if not enabled:
     return contextlib.nullcontext(None)
@@ -107,7 +160,8 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
   graphdef, params, rest = nnx.split(abstract, _STATE, ...)
   flat = {tuple(p): v for p, v in nnx.to_flat_state(params)}
   pure = nnx.to_pure_dict(params)
-  shapes = {p: tuple(v.get_value().shape) for p, v in flat.items()}
+  lay = _Layers(cfg)
+  shapes = lay.logical_shapes({p: tuple(v.get_value().shape) for p, v in flat.items()})
 
   reader = SafetensorsReader(path)
   canon: dict[str, str] = {}
@@ -120,11 +174,12 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
     canon[c] = name
   rules = mapping.rules(cfg, family, shapes, available=set(canon))
   covered = [p for r in rules for p in r.ours]
-  missing = sorted(set(flat) - set(covered), key=str)
+  missing = sorted(set(shapes) - set(covered), key=str)
   if missing:
     raise ConversionError(f"no Hugging Face tensor maps to model parameters {missing}")
 
   used: set[str] = set()
+  stacked: dict = {}
   with _progress(sum(len(r.hf) for r in rules), f"from_hf {family}", progress) as bar:
     for rule in rules:
       arrays = []
@@ -143,12 +198,21 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
         if bar is not None:
           bar.update(1)
       for p, value in zip(rule.ours, rule.to_ours(arrays)):
-        target = flat[p].get_value()
+        phys, j = lay.physical(p)
+        target = flat[phys].get_value()
         value = np.asarray(value).astype(target.dtype)
-        _set(pure, p, _place(value, target, mesh))
+        if j is None:
+          _set(pure, phys, _place(value, target, mesh))
+        else:  # one layer of a stacked (scanned) parameter, written in place on device
+          if phys not in stacked:
+            stacked[phys] = _zeros(target, mesh)
+          layer = jax.ShapeDtypeStruct(target.shape[1:], target.dtype, sharding=_drop_axis0(target))
+          stacked[phys] = _set_layer(stacked[phys], _place(value, layer, mesh), j)
       del arrays
+  for phys, buf in stacked.items():
+    _set(pure, phys, buf)
 
-  used |= _check_lightning_buffers(abstract, cfg, canon, reader)
+  used |= _check_lightning_buffers(abstract, cfg, canon, reader, lay)
   if cfg.tie_embeddings and "lm_head.weight" in canon:
     used.add("lm_head.weight")  # a tied copy some checkpoints keep
   extra = sorted(canon[c] for c in set(canon) - used)
@@ -173,6 +237,21 @@ def _place(value: np.ndarray, target, mesh):
   return jax.device_put(value)
 
 
+def _drop_axis0(target):
+  sharding = getattr(target, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+  return None
+
+
+def _zeros(target, mesh):
+  sharding = getattr(target, "sharding", None)
+  if mesh is not None and isinstance(sharding, NamedSharding):
+    named = NamedSharding(mesh, sharding.spec)
+    return jax.jit(lambda: jax.numpy.zeros(target.shape, target.dtype), out_shardings=named)()
+  return jax.numpy.zeros(target.shape, target.dtype)
+
+
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
@@ -186,7 +265,7 @@ def _concrete_rest(cfg, mesh):
     return jax.jit(lambda: nnx.split(_model_fn(cfg), _STATE, ...)[2])()
 
 
-def _check_lightning_buffers(model, cfg, canon, reader) -> set[str]:
+def _check_lightning_buffers(model, cfg, canon, reader, lay) -> set[str]:
   """transformers saves each Lightning layer's decay buffers; its slopes must equal ours."""
   used = set()
   types = config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
@@ -197,7 +276,7 @@ def _check_lightning_buffers(model, cfg, canon, reader) -> set[str]:
     name = p + "slope_rate"
     if name in canon:
       theirs = np.asarray(reader.read(canon[name]), np.float64).reshape(-1)
-      ours = np.asarray(getattr(model.layers[i].attn, "slopes", ()), np.float64).reshape(-1)
+      ours = np.asarray(getattr(lay.block(model, i).attn, "slopes", ()), np.float64).reshape(-1)
       if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-5, atol=0):
         raise ConversionError(
             f"tensor {canon[name]!r} = {theirs.tolist()} but layer {i}'s lightning attention uses "
@@ -206,7 +285,7 @@ def _check_lightning_buffers(model, cfg, canon, reader) -> set[str]:
   return used
 
 
-def _lightning_buffers(model, cfg):
+def _lightning_buffers(model, cfg, lay):
   """The decay buffers transformers keeps (and saves) per Lightning layer, from our slopes, as
   `MiniMaxLightningAttention.decay_factors` computes them (float32)."""
   bs = int(cfg.lightning_block)
@@ -215,7 +294,7 @@ def _lightning_buffers(model, cfg):
   for i, t in enumerate(types):
     if t != "lightning":
       continue
-    slope = np.asarray(model.layers[i].attn.slopes, np.float32)[:, None, None]  # [N, 1, 1]
+    slope = np.asarray(lay.block(model, i).attn.slopes, np.float32)[:, None, None]  # [N, 1, 1]
     diag = (r[:, None] - r[None, :])[None, None] * slope[None]  # [1, N, bs, bs]
     p = f"model.layers.{i}.self_attn."
     yield p + "slope_rate", slope
@@ -253,9 +332,10 @@ def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: 
   hf = hf_config.from_model_config(cfg, family)
   params = nnx.state(model, _STATE)
   flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
-  shapes = {p: tuple(v.shape) for p, v in flat.items()}
+  lay = _Layers(cfg)
+  shapes = lay.logical_shapes({p: tuple(v.shape) for p, v in flat.items()})
   rules = mapping.rules(cfg, family, shapes, available=None)
-  missing = sorted(set(flat) - {p for r in rules for p in r.ours}, key=str)
+  missing = sorted(set(shapes) - {p for r in rules for p in r.ours}, key=str)
   if missing:
     raise ConversionError(f"model parameters {missing} have no Hugging Face tensor")
   out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
@@ -265,7 +345,10 @@ def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: 
   writer = ShardedWriter(out_dir, max_shard_bytes) if primary else None
   with _progress(len(rules), f"to_hf {family}", progress) as bar:
     for rule in rules:
-      ours = [_to_host(flat[p]) for p in rule.ours]
+      ours = []
+      for p in rule.ours:
+        phys, j = lay.physical(p)
+        ours.append(_to_host(flat[phys] if j is None else flat[phys][j]))
       keep32 = any(p[-1] == "e_score_correction_bias" for p in rule.ours)
       for name, shape, a in zip(rule.hf, rule.hf_shapes, rule.to_hf(ours)):
         assert tuple(a.shape) == shape, (name, a.shape, shape)
@@ -276,7 +359,7 @@ def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: 
         bar.update(1)
   if not primary:
     return out_dir
-  for name, a in _lightning_buffers(model, cfg):
+  for name, a in _lightning_buffers(model, cfg, lay):
     writer.add(name, a.astype(out_dtype))
   writer.close()
   with open(os.path.join(out_dir, "config.json"), "w") as f:
