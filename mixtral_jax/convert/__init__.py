@@ -201,6 +201,12 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
         phys, j = lay.physical(p)
         target = flat[phys].get_value()
         value = np.asarray(value).astype(target.dtype)
+        if mesh is not None and any(
+            d % n for d, n in zip(target.shape, _shards_per_dim(target, mesh))):
+          raise ConversionError(
+              f"parameter {'.'.join(map(str, phys))} of shape {target.shape} (from {rule.hf[0]!r}) "
+              f"cannot be split by {getattr(target.sharding, 'spec', None)} over mesh "
+              f"{dict(mesh.shape)}; choose config.mesh sizes that divide it")
         if j is None:
           _set(pure, phys, _place(value, target, mesh))
         else:  # one layer of a stacked (scanned) parameter, written in place on device
@@ -235,6 +241,15 @@ def _place(value: np.ndarray, target, mesh):
       return jax.device_put(value, named)
     return jax.make_array_from_callback(value.shape, named, lambda idx: value[idx])
   return jax.device_put(value)
+
+
+def _shards_per_dim(target, mesh):
+  spec = tuple(getattr(getattr(target, "sharding", None), "spec", ()) or ())
+  out = []
+  for axes in spec + (None,) * (len(target.shape) - len(spec)):
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    out.append(int(np.prod([mesh.shape[a] for a in axes])) if axes else 1)
+  return out
 
 
 def _drop_axis0(target):
