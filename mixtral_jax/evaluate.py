@@ -63,7 +63,9 @@ def evaluate_model(model, config) -> dict:
       report["answers"][task][str(length)] = total
   if e.perplexity:
     # Held-out data: text files when the run trained on text, else fresh synthetic examples of the
-    # training mixture (all real tokens, not only the answers).
+    # training mixture, over the tokens the run learned to predict (train.loss_on).
+    mask_key = "loss_mask" if config.train.get("loss_on", "all") == "answers" else "lm_mask"
+    report["perplexity_tokens"] = "answer" if mask_key == "loss_mask" else "all"
     sources = ["text"] if len(config.data.text_files) else list(config.data.tasks)
     for source in sources:
       nll = count = 0.0
@@ -71,7 +73,7 @@ def evaluate_model(model, config) -> dict:
                                               e.batch_size, seed=config.seed + 2,
                                               text_files=tuple(config.data.text_files)):
         logits = _logits(model, jnp.asarray(batch["inputs"]))
-        n, c = _masked_nll(logits, {k: jnp.asarray(v) for k, v in batch.items()}, "lm_mask")
+        n, c = _masked_nll(logits, {k: jnp.asarray(v) for k, v in batch.items()}, mask_key)
         nll, count = nll + n, count + c
       report["perplexity"][source] = math.exp(nll / max(count, 1.0))
   return report
@@ -87,7 +89,8 @@ def format_table(report) -> str:
       name = f"{task} ({label})"
       lines.append(f"{name:<32}" + "".join(f"{acc.get(str(l), float('nan')):>9.3f}" for l in lengths))
   for source, ppl in report["perplexity"].items():
-    lines.append(f"perplexity[{source}] at {report['train_seq_len']}: {ppl:.3f}")
+    lines.append(f"held-out perplexity [{source}, {report['perplexity_tokens']} tokens] at "
+                 f"{report['train_seq_len']}: {ppl:.3f}")
   return "\n".join(lines)
 
 
