@@ -24,7 +24,7 @@ def apply_arg(c, arg):
       m.num_dense_layers = min(m.num_dense_layers, m.num_layers - 1)
       m.window = min(m.window, 32)
       m.lightning_block = 16
-      m.msa.update(block_size=16, top_k=2, index_head_dim=16, index_rotary_dim=8)
+      m.msa.update(block_size=16, top_k=2, index_head_dim=16)
       m.moe.update(num_experts=min(m.moe.num_experts, 8), top_k=min(m.moe.top_k, 2), expert_dim=32,
                    shared_expert_dim=32)
       c.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)

@@ -24,6 +24,6 @@ def get_config(arg=None):
   m.qk_norm = "per_head"
   m.norm_zero_centered = True
   m.attention_pattern = ("full",) * 3 + ("msa",) * (m.num_layers - 3)
-  m.msa.update(block_size=128, top_k=16, index_head_dim=128, index_rotary_dim=64, local_blocks=1,
+  m.msa.update(block_size=128, top_k=16, index_head_dim=128, local_blocks=1,
                selection="per_group", kl_loss_weight=1.0)
   return _common.apply_arg(c, [a for a in args if a != "m3"])

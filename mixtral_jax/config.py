@@ -54,7 +54,6 @@ def model_defaults() -> ml_collections.ConfigDict:
       block_size=128,          # tokens per KV block (M3: 128)
       top_k=16,                # selected blocks per query (M3: 16), the query's own block included
       index_head_dim=128,      # one shared index key per token, one index query per GQA group
-      index_rotary_dim=64,
       local_blocks=1,          # blocks ending at the query's own block, always kept (HF: 1)
       selection="per_group",   # per_group: top-k per GQA group (MSA paper; transformers 5.x
                                # reference); max_heads: max over index heads, then one top-k
@@ -157,6 +156,9 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
     _fail(f"{prefix}.qk_norm", f"unknown {m.qk_norm!r}; expected one of {QK_NORMS}")
   if m.attention_impl not in ATTENTION_IMPLS:
     _fail(f"{prefix}.attention_impl", f"unknown {m.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+  if m.attention_impl != "xla" and (m.attention_block < 8 or m.attention_block & (m.attention_block - 1)):
+    _fail(f"{prefix}.attention_block", f"must be a power of two >= 8 for the Pallas kernels "
+          f"(Mosaic GPU and TPU want 128), got {m.attention_block}")
   if not 0 <= m.num_dense_layers <= m.num_layers:
     _fail(f"{prefix}.num_dense_layers", f"must be in [0, num_layers={m.num_layers}]")
   if not len(m.attention_pattern):
@@ -177,10 +179,13 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.msa.block_size", f"must be positive, got {m.msa.block_size}")
     if m.msa.top_k <= 0:
       _fail(f"{prefix}.msa.top_k", f"must be positive, got {m.msa.top_k}")
+    if not 1 <= m.msa.local_blocks <= m.msa.top_k:
+      _fail(f"{prefix}.msa.local_blocks", f"must be in [1, msa.top_k={m.msa.top_k}] so the "
+            f"query's own block is always kept, got {m.msa.local_blocks}")
+    if m.msa.index_head_dim <= 0 or m.msa.index_head_dim % 2:
+      _fail(f"{prefix}.msa.index_head_dim", f"must be positive and even, got {m.msa.index_head_dim}")
     if m.msa.selection not in MSA_SELECTIONS:
       _fail(f"{prefix}.msa.selection", f"unknown {m.msa.selection!r}; expected one of {MSA_SELECTIONS}")
-    if m.msa.index_rotary_dim > m.msa.index_head_dim or m.msa.index_rotary_dim % 2:
-      _fail(f"{prefix}.msa.index_rotary_dim", "must be even and <= msa.index_head_dim")
   if "moba" in types and (m.moba.block_size <= 0 or m.moba.top_k <= 0):
     _fail(f"{prefix}.moba", "block_size and top_k must be positive")
   e = m.moe
@@ -191,6 +196,11 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.moe.top_k", f"top_k={e.top_k} must be in [1, num_experts={e.num_experts}]")
     if e.router not in ROUTERS:
       _fail(f"{prefix}.moe.router", f"unknown {e.router!r}; expected one of {ROUTERS}")
+    if e.use_bias and e.bias_update_rate < 0:
+      _fail(f"{prefix}.moe.bias_update_rate", f"must be >= 0 (a negative rate reverses the "
+            f"balancing), got {e.bias_update_rate}")
+    if e.expert_dim <= 0:
+      _fail(f"{prefix}.moe.expert_dim", f"must be positive, got {e.expert_dim}")
     if e.dispatch not in DISPATCHES:
       _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
     if e.dispatch == "capacity" and e.capacity_factor <= 0:

@@ -18,7 +18,7 @@ def tiny(pattern, **kw):
   m.update(vocab_size=64, d_model=32, num_layers=len(pattern), num_heads=4, num_kv_heads=2,
            head_dim=8, rotary_dim=4, mlp_dim=48, num_dense_layers=1, attention_pattern=pattern,
            window=8, lightning_block=8)
-  m.msa.update(block_size=8, top_k=2, index_head_dim=8, index_rotary_dim=4)
+  m.msa.update(block_size=8, top_k=2, index_head_dim=8)
   m.moba.update(block_size=8, top_k=2)
   m.moe.update(num_experts=4, top_k=2, expert_dim=16)
   m.update(**kw)
@@ -165,3 +165,24 @@ def test_scanned_parameters_are_created_sharded():
   gate_proj = model.layers[0].blocks.mlp.gate_proj[...]
   assert gate_proj.shape == (3, 4, 32, 16)  # [layers, experts, D, F]
   assert tuple(gate_proj.sharding.spec)[:3] == (None, "expert", "fsdp")
+
+
+def test_generate_and_sample_reject_bad_arguments():
+  cfg = tiny(("full",))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  prompt = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="max_len"):  # the cache could not hold every position
+    generate.generate(model, prompt, 8, max_len=6)
+  with pytest.raises(ValueError, match="top_p"):
+    generate.sample(jnp.zeros((1, 4)), jax.random.key(0), temperature=1.0, top_p=0.0)
+
+
+def test_weight_decay_skips_norm_scales_of_scanned_layers():
+  from mixtral_jax.trainer import optim
+  cfg = tiny(("full",), num_layers=3, num_dense_layers=0, scan_layers=True)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  mask = optim._decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  flat = {"/".join(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  scales = [k for k in flat if "scale" in k]
+  assert scales and not any(flat[k] for k in scales)  # stacked [3, D] norm scales: no decay
+  assert all(flat[k] for k in flat if "gate_proj" in k or "q_proj" in k)

@@ -273,7 +273,6 @@ def _m3_text(hf: dict, m: ml_collections.ConfigDict):
     _fail("index_n_heads", f"must equal num_key_value_heads={m.num_kv_heads} (one index query per "
                            f"GQA group), got {idx['index_n_heads']}")
   m.msa.index_head_dim = idx["index_head_dim"]
-  m.msa.index_rotary_dim = min(m.rotary_dim, idx["index_head_dim"])  # informational: MSA cuts cos/sin
   m.msa.block_size = idx["index_block_size"]
   m.msa.top_k = idx["index_topk_blocks"]
   m.msa.local_blocks = idx["index_local_blocks"]

@@ -42,6 +42,10 @@ def decode_step(model, tokens_B1, position: int | jax.Array, cache):
 def sample(logits_BV, rng, *, temperature: float = 0.0, top_p: float = 1.0):
   """Greedy when temperature == 0; otherwise temperature sampling restricted to the smallest
   set of tokens whose probability mass reaches top_p."""
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if temperature < 0.0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits = logits_BV / temperature
@@ -61,6 +65,10 @@ def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: fl
   """Returns int32 [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
   B, T = prompt_BT.shape
   max_len = max_len or T + max_new_tokens
+  if max_len < T + max_new_tokens - 1:
+    # A cache write past max_len would be clamped onto the last slot: wrong outputs, no error.
+    raise ValueError(f"max_len={max_len} cannot hold the prompt ({T}) plus {max_new_tokens} "
+                     "new tokens")
   rng = rng if rng is not None else jax.random.key(0)
   logits, cache = prefill(model, prompt_BT, max_len)
   out = [prompt_BT]

@@ -29,8 +29,12 @@ def make_schedule(train_config) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # No weight decay on vectors (norm scales, biases): the usual AdamW practice.
-  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+  # No weight decay on norm scales and other vectors (the usual AdamW practice). Decided by name
+  # as well as rank: scan_layers stacks a norm scale [D] into [layers, D].
+  def decay(path, p):
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return getattr(p, "ndim", 0) >= 2 and "scale" not in names
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:

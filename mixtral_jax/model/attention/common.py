@@ -167,9 +167,11 @@ def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implement
   """The block-sparse kernel on the causal tile mask, or None where it cannot be exact."""
   from mixtral_jax import kernels
 
+  if implementation is not None and implementation not in kernels.IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation: unknown {implementation!r}; expected one of "
+                     f"{kernels.IMPLEMENTATIONS} or None")
   b, t, _, _ = q_BTNH.shape
   s, kv_heads = k_BSKH.shape[1], k_BSKH.shape[2]
-  block = min(block, t)
   reason = ("a sliding window" if window is not None else
             "per-query block selection" if block_mask_BKTC is not None else
             "a cache longer than the chunk (decode)" if s != t else
@@ -180,9 +182,10 @@ def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implement
       logging.info("attention_impl=%s: %s needs token-level masks; using the XLA path",
                    implementation, reason)
     return None
-  implementation = implementation or kernels.default_implementation()
-  if implementation == "xla":
+  if (implementation or kernels.default_implementation()) == "xla":
     return None
+  # implementation None stays None: the kernel API then falls back (Mosaic GPU -> Triton -> XLA)
+  # where a kernel rejects the shapes or dtype.
   mask = kernels.broadcast_mask(
       kernels.causal_block_mask(t, s, block_q=block, block_kv=block), b, kv_heads)
   return kernels.block_sparse_attention(

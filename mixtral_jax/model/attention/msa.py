@@ -3,8 +3,8 @@
 Indexer (HF `MiniMaxM3VLIndexer`): one index query per GQA group (index heads = num_kv_heads),
 one shared index key per token, both RMSNorm'd and rotated. The rotation is the main attention's
 cos/sin cut to index_head_dim, exactly as the HF reference does (`cos[..., :index_head_dim]`):
-with index_head_dim >= rotary_dim that is the main rope on the first rotary_dim dims, and
-cfg.msa.index_rotary_dim is NOT read. Block score = max over the block's keys at positions <= the
+with index_head_dim >= rotary_dim that is the main rope on the first rotary_dim dims (there is
+no separate index rotary width). Block score = max over the block's keys at positions <= the
 query of q_idx . k_idx; the cfg.msa.local_blocks blocks ending at the query's own block are always
 kept; top cfg.msa.top_k blocks per query (per GQA group, or one shared choice with
 selection='max_heads'); then exact causal softmax attention over the chosen blocks.
