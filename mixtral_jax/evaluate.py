@@ -123,36 +123,14 @@ def plot(report, path: str):
   plt.close(fig)
 
 
-def restore_model(config, workdir: str):
-  """The model of the latest restorable checkpoint in <workdir>/checkpoints, on the config's mesh.
-
-  Returns (model, step, mesh). Raises FileNotFoundError when the workdir has no checkpoint.
-  """
-  from mixtral_jax.trainer import checkpoint as ckpt_lib
-  from mixtral_jax.trainer import trainer
-
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, state, _, _ = trainer.create_train_state(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep, async_save=False)
-  try:
-    restored = ckpt.restore_latest(nnx.to_pure_dict(state), quarantine=False)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"workdir: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
-                            "train first (python -m mixtral_jax.train ...)")
-  step, pure, _ = restored
-  nnx.replace_by_pure_dict(state, pure)
-  model, _ = nnx.merge(graphdef, state)
-  return model, step, mesh
-
-
 def run(config, workdir: str) -> dict:
   """Restores the latest checkpoint in workdir, evaluates, writes report.json and the plot."""
   config_lib.validate(config, jax.device_count())
+  from mixtral_jax.trainer import trainer
+
   start = time.time()
-  model, step, mesh = restore_model(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  model, step = trainer.restore_model(config, workdir, mesh)
   with jax.set_mesh(mesh):
     report = evaluate_model(model, config)
   report["step"] = int(step)

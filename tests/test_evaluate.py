@@ -1,6 +1,5 @@
 """mixtral_jax.evaluate end to end on a tiny run: restore, score at several lengths, report + plot."""
 import json
-import os
 
 import pytest
 

@@ -92,6 +92,9 @@ def test_full_size_parameter_counts(module, total, active, embed_free):
   a = counts["active_no_embed"] if embed_free else counts["active"]
   assert total[0] < counts["total"] < total[1], counts
   assert active[0] < a < active[1], counts
+  # FLOP estimates count the active parameters a token multiplies through: not the input gather.
+  m = cfg.model
+  assert counts["active_matmul"] == counts["active"] - m.vocab_size * m.d_model
 
 
 @pytest.mark.parametrize("module", [minimax_m2_swa_hybrid, minimax_m2_lightning_hybrid, minimax_m3_msa])

@@ -80,26 +80,10 @@ def hf_to_run(hf_dir: str, workdir: str, config=None, mesh=None):
   return model, config
 
 
-def restore_model(config, workdir: str, mesh=None):
-  """The model of the latest checkpoint in workdir/checkpoints (trainer layout). Returns (model, step)."""
-  from mixtral_jax.trainer import checkpoint as ckpt_lib
-  from mixtral_jax.trainer.trainer import create_train_state
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  graphdef, state, _, _ = create_train_state(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False)
-  restored = ckpt.restore_latest(nnx.to_pure_dict(state), quarantine=False)  # a reader moves nothing
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  step, pure, _ = restored
-  nnx.replace_by_pure_dict(state, pure)
-  model, _ = nnx.merge(graphdef, state)
-  return model, step
-
-
 def run_to_hf(workdir: str, hf_dir: str, config=None, model_type=None, dtype=None):
   from mixtral_jax.convert import to_hf
   config = config if config is not None else load_converted_config(workdir)
+  from mixtral_jax.trainer.trainer import restore_model
   model, step = restore_model(config, workdir)
   to_hf(model, config, hf_dir, model_type=model_type, dtype=dtype)
   print(f"wrote step {step} of {workdir} to {hf_dir}")

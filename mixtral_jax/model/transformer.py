@@ -188,9 +188,10 @@ class Transformer(nnx.Module):
 
 def count_params(model_or_state, cfg) -> dict[str, int]:
   """Total parameters, and active per token (top_k of the routed experts), both with and
-  without the embedding tables."""
+  without the embedding tables; `active_matmul`: the active ones a token multiplies through
+  (the input embedding is a gather unless tied to the output), for FLOP estimates."""
   state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-  total = embed = routed = 0
+  total = embed = input_embed = routed = 0
   for path, v in nnx.to_flat_state(state):
     x = v.get_value() if hasattr(v, "get_value") else v  # arrays or ShapeDtypeStructs (eval_shape)
     n = math.prod(x.shape)
@@ -198,9 +199,12 @@ def count_params(model_or_state, cfg) -> dict[str, int]:
     keys = [str(k) for k in path]
     if keys[0] in ("embed", "lm_head"):
       embed += n
+    if keys[0] == "embed":
+      input_embed += n
     if any(k in ("gate_proj", "up_proj", "down_proj") for k in keys):  # the routed experts' stacks
       routed += n
   e = cfg.moe
   active = total - routed + (routed * e.top_k // e.num_experts if e.num_experts else 0)
   return dict(total=total, active=active, total_no_embed=total - embed,
-              active_no_embed=active - embed)
+              active_no_embed=active - embed,
+              active_matmul=active - (0 if cfg.tie_embeddings else input_embed))

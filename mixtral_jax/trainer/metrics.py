@@ -46,22 +46,6 @@ def peak_flops_per_second() -> float:
   return 0.0
 
 
-def active_params(model_config, num_params: int) -> int:
-  """Parameters a token passes through: all, minus unselected routed experts and the input embedding.
-
-  Assumes routed experts are SwiGLU (3 * d_model * expert_dim each); the input embedding is a gather
-  (no matmul FLOPs) unless tied to the output projection.
-  """
-  m = model_config
-  n = num_params
-  moe_layers = m.num_layers - m.num_dense_layers
-  if moe_layers > 0:
-    n -= moe_layers * (m.moe.num_experts - m.moe.top_k) * 3 * m.d_model * m.moe.expert_dim
-  if not m.tie_embeddings:
-    n -= m.vocab_size * m.d_model
-  return max(int(n), 0)
-
-
 class MetricsLogger:
   """Aggregates step metrics and writes them every `log_every` steps (and at the last step).
 

@@ -99,6 +99,27 @@ def create_train_state(config, mesh, model_fn: Callable = default_model_fn):
   return graphdef, state, shardings, schedule
 
 
+def restore_model(config, workdir: str, mesh=None):
+  """The model of the latest restorable checkpoint in <workdir>/checkpoints, on `mesh` (default:
+  the config's). Reads only: a checkpoint that fails is skipped, never moved. Returns (model, step);
+  raises FileNotFoundError when the workdir has no checkpoint."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+  graphdef, state, _, _ = create_train_state(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=config.train.max_to_keep, async_save=False)
+  try:
+    restored = ckpt.restore_latest(_pure(state), quarantine=False)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"workdir: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
+                            "train first (python -m mixtral_jax.train ...)")
+  step, pure, _ = restored
+  nnx.replace_by_pure_dict(state, pure)
+  model, _ = nnx.merge(graphdef, state)
+  return model, step
+
+
 def loss_and_metrics(logits_BTV, aux, batch, num_tasks: int):
   """Masked next-token cross-entropy over lm_mask plus the model's (already weighted) aux losses.
 
@@ -209,10 +230,9 @@ def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
     data_it.set_state(data_state)
     log.info("resumed from step %d in %s", start, workdir)
 
-  model, _ = nnx.merge(graphdef, state)  # a view of the same arrays, to count its parameters
-  num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  del model
-  flops_per_token = 6.0 * metrics_lib.active_params(config.model, num_params)
+  from mixtral_jax.model.transformer import count_params
+  params = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)  # views of the same arrays
+  flops_per_token = 6.0 * count_params(params, config.model)["active_matmul"]
   logger = metrics_lib.MetricsLogger(
       workdir, total_steps=t.steps, start_step=start, log_every=t.log_every, task_names=names,
       tokens_per_step=t.batch_size * t.seq_len, flops_per_token=flops_per_token,

@@ -93,6 +93,14 @@ class SoftmaxAttentionBase(nnx.Module):
     cos, sin = self.rope(positions_BT)
     return layers.apply_rope(q_BTNH, cos, sin), layers.apply_rope(k_BTKH, cos, sin), v_BTKH
 
+  def keys(self, k_BTKH, v_BTKH, positions_BT, cache: KVCache | None):
+    """(k [B,S,K,H], v, key positions, cache): this chunk's own keys without a cache; with one,
+    the whole cache after writing the chunk at its first position."""
+    if cache is None:
+      return k_BTKH, v_BTKH, positions_BT, None
+    cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
+    return cache.k_BSKH, cache.v_BSKH, cache.positions_1S, cache
+
   def init_cache(self, batch: int, max_len: int, dtype=None):
     return KVCache.zeros(batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
                          dtype or self.dtype)

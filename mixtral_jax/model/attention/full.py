@@ -10,11 +10,7 @@ class FullAttention(SoftmaxAttentionBase):
   def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
     """x [B, T, D], positions int32 [B, T] -> (y [B, T, D], cache, {})."""
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
-    if cache is None:
-      k_BSKH, v_BSKH, k_pos = k_BTKH, v_BTKH, positions_BT
-    else:
-      cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
-      k_BSKH, v_BSKH, k_pos = cache.k_BSKH, cache.v_BSKH, cache.positions_1S
+    k_BSKH, v_BSKH, k_pos, cache = self.keys(k_BTKH, v_BTKH, positions_BT, cache)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                             k_positions_BS=k_pos, implementation=self.cfg.attention_impl,
                             kernel_block=self.cfg.attention_block)

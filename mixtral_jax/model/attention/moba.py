@@ -21,7 +21,7 @@ from mixtral_jax.model.attention.common import (
 def moba_block_mask(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: int):
   """Block selection [B, K, T, C] (key slot s is in block s // block_size; slot s = position s)."""
   b, t, n, h = q_BTNH.shape
-  s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+  k = k_BSKH.shape[2]
   qg_BTKH = q_BTNH.astype(jnp.float32).reshape(b, t, k, n // k, h).mean(axis=3)
   k_BCLKH = pad_to_blocks(k_BSKH.astype(jnp.float32), block_size, axis=1).reshape(
       b, -1, block_size, k, h)
@@ -42,11 +42,7 @@ class MoBAAttention(SoftmaxAttentionBase):
     """x [B, T, D], positions int32 [B, T] -> (y [B, T, D], cache, {})."""
     bs = self.cfg.moba.block_size
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
-    if cache is None:
-      k_BSKH, v_BSKH, k_pos = k_BTKH, v_BTKH, positions_BT
-    else:
-      cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
-      k_BSKH, v_BSKH, k_pos = cache.k_BSKH, cache.v_BSKH, cache.positions_1S
+    k_BSKH, v_BSKH, k_pos, cache = self.keys(k_BTKH, v_BTKH, positions_BT, cache)
     block_mask_BKTC = moba_block_mask(q_BTNH, k_BSKH.astype(q_BTNH.dtype), positions_BT,
                                       block_size=bs, top_k=self.cfg.moba.top_k)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,

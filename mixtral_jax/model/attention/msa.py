@@ -101,15 +101,15 @@ class MSAAttention(SoftmaxAttentionBase):
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
     cos, sin = self.rope(positions_BT)
     iq_BTKI, ik_BTI = self.indexer(jax.lax.stop_gradient(x_BTD), cos, sin)
-    if cache is None:
-      k_BSKH, v_BSKH, ik_BSI, k_pos = k_BTKH, v_BTKH, ik_BTI, positions_BT
+    training = cache is None
+    k_BSKH, v_BSKH, k_pos, kv = self.keys(k_BTKH, v_BTKH, positions_BT,
+                                          None if training else cache.kv)
+    if training:
+      ik_BSI = ik_BTI
     else:
-      start = positions_BT[0, 0]
-      kv = cache.kv.write(k_BTKH, v_BTKH, start)
       ik_BSI = jax.lax.dynamic_update_slice(
-          cache.index_k_BSI, ik_BTI.astype(cache.index_k_BSI.dtype), (0, start, 0))
+          cache.index_k_BSI, ik_BTI.astype(cache.index_k_BSI.dtype), (0, positions_BT[0, 0], 0))
       cache = MSACache(kv=kv, index_k_BSI=ik_BSI)
-      k_BSKH, v_BSKH, k_pos = kv.k_BSKH, kv.v_BSKH, kv.positions_1S
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
     scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
     block_mask_BKTC = msa_block_mask(scores_BKTS, positions_BT, m)
@@ -117,7 +117,7 @@ class MSAAttention(SoftmaxAttentionBase):
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=m.block_size, implementation=self.cfg.attention_impl)
     losses = {}
-    if m.kl_loss_weight:
+    if m.kl_loss_weight and training:  # the indexer trains on full forwards; decode needs no KL
       mask_BKTS = token_mask(positions_BT, k_pos, block_mask_BKTC=block_mask_BKTC,
                              block_kv=m.block_size)
       kl = indexer_kl(q_BTNH, k_BSKH, scores_BKTS, mask_BKTS, scale=self.scale,
