@@ -48,10 +48,10 @@ def test_prefill_then_decode_equals_forward(name):
   tokens = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)
   full = model(tokens)
   logits, cache = generate.prefill(model, tokens[:, :P], max_len=T)
-  np.testing.assert_allclose(logits, full[:, :P], atol=2e-4, rtol=2e-4)
+  np.testing.assert_allclose(logits, full[:, :P], atol=2e-5, rtol=2e-5)
   for t in range(P, T):
     step_logits, cache = generate.decode_step(model, tokens[:, t:t + 1], t, cache)
-    np.testing.assert_allclose(step_logits, full[:, t], atol=2e-4, rtol=2e-4,
+    np.testing.assert_allclose(step_logits, full[:, t], atol=2e-5, rtol=2e-5,
                                err_msg=f"{name}: decode step at position {t}")
 
 
@@ -128,7 +128,7 @@ def test_pallas_kernel_in_the_model_matches_xla(impl, monkeypatch):
   assert not calls
   got_logits, got_grads = logits_and_grads(impl)
   assert calls and set(calls) == {impl}  # the full layer really ran on the kernel
-  np.testing.assert_allclose(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=2e-5)
   for (path, g), (_, w) in zip(nnx.to_flat_state(got_grads), nnx.to_flat_state(want_grads)):
     np.testing.assert_allclose(g[...], w[...], atol=1e-5, rtol=1e-4, err_msg=str(path))
 
@@ -156,7 +156,7 @@ def test_scanned_layers_equal_unrolled_layers_and_decode():
   _, cache = generate.prefill(scanned, tokens[:, :13], max_len=24)
   for t in range(13, 24):
     step, cache = generate.decode_step(scanned, tokens[:, t:t + 1], t, cache)
-    np.testing.assert_allclose(step, want[:, t], atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(step, want[:, t], atol=2e-5, rtol=2e-5)
 
 
 def test_scanned_parameters_are_created_sharded():
