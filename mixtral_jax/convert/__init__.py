@@ -26,6 +26,7 @@ from mixtral_jax import config as config_lib
 from mixtral_jax.convert import hf_config, mapping
 from mixtral_jax.convert.hf_config import UnsupportedConfigError
 from mixtral_jax.convert.safetensors_io import SafetensorsReader, ShardedWriter
+from mixtral_jax.model import plan as plan_lib
 from mixtral_jax.model.router import RouterBias
 
 __all__ = ["from_hf", "to_hf", "load_hf_config", "infer_model_type", "ConversionError",
@@ -78,43 +79,40 @@ def _set(tree, path, value):
 
 
 class _Layers:
-  """Logical per-layer paths ('layers', i, ...) <-> the model's own (with cfg.scan_layers, runs of
-  identical layers are one ScannedBlocks whose params are stacked: ('layers', seg, 'blocks', ...)
-  with layer j of the run at index j of axis 0)."""
+  """Logical per-layer paths ('layers', i, ...) <-> the model's own, through the layer plan
+  (`LayerSpec.param_path`: a scanned layer's parameters are stacked in ('layers', seg, 'blocks', ...)
+  at index `position` of axis 0)."""
 
   def __init__(self, cfg):
-    from mixtral_jax.model.transformer import layer_segments
-    self.segments = layer_segments(cfg)
-    self.where = {start + j: (seg, j if n > 1 else None)
-                  for seg, (start, n) in enumerate(self.segments) for j in range(n)}
+    self.plan = plan_lib.layer_plan(cfg)
 
   def physical(self, path):
     """(model path, index along the stacked axis or None)."""
     if path[0] != "layers":
       return path, None
-    seg, j = self.where[path[1]]
-    if j is None:
-      return ("layers", seg) + path[2:], None
-    return ("layers", seg, "blocks") + path[2:], j
+    return self.plan[path[1]].param_path(*path[2:])
 
   def logical_shapes(self, shapes):
+    """The model's parameter shapes keyed by logical path (stacked ones split per layer)."""
+    segs = plan_lib.segments(self.plan)
     out = {}
     for path, shape in shapes.items():
       if path[0] != "layers":
         out[path] = shape
         continue
-      start, n = self.segments[path[1]]
-      if n == 1:
-        out[("layers", start) + path[2:]] = shape
+      seg = segs[path[1]]
+      if seg[0].scanned:
+        for spec in seg:
+          out[("layers", spec.index) + path[3:]] = shape[1:]
       else:
-        for j in range(n):
-          out[("layers", start + j) + path[3:]] = shape[1:]
+        out[("layers", seg[0].index) + path[2:]] = shape
     return out
 
-  def block(self, model, i):
-    seg, j = self.where[i]
-    assert j is None, "lightning layers are never scanned"
-    return model.layers[seg]
+  def lightning(self, model):
+    """(spec, attention module) of each Lightning layer (never scanned: slopes depend on the index)."""
+    for spec in self.plan:
+      if spec.attention == "lightning":
+        yield spec, model.layers[spec.segment].attn
 
 
 _SETTERS: dict = {}
@@ -172,7 +170,7 @@ def from_hf(path: str, mesh=None, *, config: ml_collections.ConfigDict | None = 
     if c in canon:
       raise UnexpectedTensorError(f"tensors {canon[c]!r} and {name!r} both map to {c!r}")
     canon[c] = name
-  rules = mapping.rules(cfg, family, shapes, available=set(canon))
+  rules = mapping.rules(cfg, family, shapes, lay.plan, available=set(canon))
   covered = [p for r in rules for p in r.ours]
   missing = sorted(set(shapes) - set(covered), key=str)
   if missing:
@@ -283,15 +281,13 @@ def _concrete_rest(cfg, mesh):
 def _check_lightning_buffers(model, cfg, canon, reader, lay) -> set[str]:
   """transformers saves each Lightning layer's decay buffers; its slopes must equal ours."""
   used = set()
-  types = config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
-  for i, t in enumerate(types):
-    if t != "lightning":
-      continue
+  for spec, attn in lay.lightning(model):
+    i = spec.index
     p = f"model.layers.{i}.self_attn."
     name = p + "slope_rate"
     if name in canon:
       theirs = np.asarray(reader.read(canon[name]), np.float64).reshape(-1)
-      ours = np.asarray(getattr(lay.block(model, i).attn, "slopes", ()), np.float64).reshape(-1)
+      ours = np.asarray(getattr(attn, "slopes", ()), np.float64).reshape(-1)
       if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-5, atol=0):
         raise ConversionError(
             f"tensor {canon[name]!r} = {theirs.tolist()} but layer {i}'s lightning attention uses "
@@ -305,13 +301,10 @@ def _lightning_buffers(model, cfg, lay):
   `MiniMaxLightningAttention.decay_factors` computes them (float32)."""
   bs = int(cfg.lightning_block)
   r = np.arange(1, bs + 1, dtype=np.float32)
-  types = config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
-  for i, t in enumerate(types):
-    if t != "lightning":
-      continue
-    slope = np.asarray(lay.block(model, i).attn.slopes, np.float32)[:, None, None]  # [N, 1, 1]
+  for spec, attn in lay.lightning(model):
+    slope = np.asarray(attn.slopes, np.float32)[:, None, None]  # [N, 1, 1]
     diag = (r[:, None] - r[None, :])[None, None] * slope[None]  # [1, N, bs, bs]
-    p = f"model.layers.{i}.self_attn."
+    p = f"model.layers.{spec.index}.self_attn."
     yield p + "slope_rate", slope
     yield p + "query_decay", np.exp(-slope * r[:, None])
     yield p + "key_decay", np.exp(-slope * (bs - r[:, None]))
@@ -320,7 +313,7 @@ def _lightning_buffers(model, cfg, lay):
 
 def infer_model_type(cfg) -> str:
   """The Hugging Face family that can express this model config."""
-  types = set(config_lib.pattern_for_layers(cfg.attention_pattern, cfg.num_layers))
+  types = set(plan_lib.attention_types(plan_lib.layer_plan(cfg)))
   if "lightning" in types or cfg.post_norm_residual:
     return "minimax"
   if "msa" in types or cfg.norm_zero_centered or cfg.qk_norm == "per_head":
@@ -349,7 +342,7 @@ def to_hf(model, config, out_dir: str, *, model_type: str | None = None, dtype: 
   flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
   lay = _Layers(cfg)
   shapes = lay.logical_shapes({p: tuple(v.shape) for p, v in flat.items()})
-  rules = mapping.rules(cfg, family, shapes, available=None)
+  rules = mapping.rules(cfg, family, shapes, lay.plan, available=None)
   missing = sorted(set(shapes) - {p for r in rules for p in r.ours}, key=str)
   if missing:
     raise ConversionError(f"model parameters {missing} have no Hugging Face tensor")

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from mixtral_jax import config as config_lib
+from mixtral_jax.model import plan as plan_lib
 
 FAMILIES = ("mixtral", "minimax_m2", "minimax", "minimax_m3_vl", "minimax_m3_vl_text")
 
@@ -126,7 +127,7 @@ def _rope(family: str, hf: dict, head_dim: int) -> tuple[float, int]:
 
 
 def _compress_pattern(types: list[str]) -> tuple[str, ...]:
-  """Shortest period p with types[i] == types[i % p] (pattern_for_layers repeats it)."""
+  """Shortest period p with types[i] == types[i % p] (the layer plan repeats it)."""
   for p in range(1, len(types) + 1):
     if all(types[i] == types[i % p] for i in range(len(types))):
       return tuple(types[:p])
@@ -302,7 +303,8 @@ def from_model_config(m: ml_collections.ConfigDict, family: str) -> dict:
   if family not in _DEFAULT_THETA:
     _fail("model_type", f"unknown model_type {family!r}; supported: {FAMILIES}")
   e = m.moe
-  pattern = config_lib.pattern_for_layers(m.attention_pattern, m.num_layers)
+  plan = plan_lib.layer_plan(m)
+  pattern = plan_lib.attention_types(plan)
 
   def need(cond, field, msg):
     if not cond:
@@ -367,7 +369,7 @@ def from_model_config(m: ml_collections.ConfigDict, family: str) -> dict:
         dense_intermediate_size=m.mlp_dim, shared_intermediate_size=e.shared_expert_dim,
         routed_scaling_factor=float(e.routed_scaling_factor), rotary_dim=int(m.rotary_dim),
         swiglu_alpha=float(m.swiglu_alpha), swiglu_limit=float(m.swiglu_limit),
-        mlp_layer_types=["dense" if i < m.num_dense_layers else "sparse" for i in range(m.num_layers)],
+        mlp_layer_types=["sparse" if spec.moe else "dense" for spec in plan],
         layer_types=["minimax_m3_sparse" if t == "msa" else "full_attention" for t in pattern],
         index_n_heads=m.num_kv_heads, index_head_dim=m.msa.index_head_dim,
         index_block_size=m.msa.block_size, index_topk_blocks=m.msa.top_k,

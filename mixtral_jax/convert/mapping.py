@@ -21,8 +21,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mixtral_jax.config import pattern_for_layers
-
 Path = tuple  # ('layers', 0, 'attn', 'q_proj', 'kernel')
 
 
@@ -117,9 +115,10 @@ def disk_name(name: str, family: str) -> str:
   return name
 
 
-def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]],
+def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]], plan,
           available: set[str] | None = None) -> list[Rule]:
-  """Every rule of one model. shapes: our param path -> shape (from the abstract model).
+  """Every rule of one model. shapes: our logical param path ('layers', i, ...) -> shape (from the
+  abstract model). plan: `plan.layer_plan(cfg)`, which says each layer's attention and MLP kind.
 
   available: canonical HF names present (reading); picks fused vs per-expert storage per layer.
   None (writing): the layout transformers' save_pretrained writes for `family`.
@@ -130,8 +129,8 @@ def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]],
   out.append(_identity(("final_norm", "scale"), "model.norm.weight", shapes[("final_norm", "scale")]))
   if not cfg.tie_embeddings:
     out.append(_linear(("lm_head", "kernel"), "lm_head.weight", shapes[("lm_head", "kernel")]))
-  types = pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
-  for i in range(cfg.num_layers):
+  for spec in plan:
+    i = spec.index
     p, L = f"model.layers.{i}.", ("layers", i)
     sh = lambda *k: shapes[L + k]  # noqa: E731
     for ours, theirs in (("input_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm")):
@@ -141,13 +140,13 @@ def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]],
         a + (name, "kernel"), p + f"self_attn.{name}.weight", sh("attn", name, "kernel"), n_in)
     norm = lambda name: _identity(  # noqa: E731
         a + (name, "scale"), p + f"self_attn.{name}.weight", sh("attn", name, "scale"))
-    if types[i] == "lightning":
+    if spec.attention == "lightning":
       out += [lin("qkv_proj"), lin("output_gate"), lin("out_proj", 2), norm("norm")]
     else:
       out += [lin("q_proj"), lin("k_proj"), lin("v_proj"), lin("o_proj", 2)]
       if cfg.qk_norm != "none":
         out += [norm("q_norm"), norm("k_norm")]
-      if types[i] == "msa":
+      if spec.attention == "msa":
         for name in ("q_proj", "k_proj"):
           out.append(_linear(a + ("indexer", name, "kernel"), p + f"self_attn.indexer.{name}.weight",
                              sh("attn", "indexer", name, "kernel")))
@@ -155,7 +154,7 @@ def rules(cfg, family: str, shapes: dict[Path, tuple[int, ...]],
           out.append(_identity(a + ("indexer", name, "scale"), p + f"self_attn.indexer.{name}.weight",
                                sh("attn", "indexer", name, "scale")))
     mlp = L + ("mlp",)
-    if i < cfg.num_dense_layers:
+    if not spec.moe:
       out += _gate_up_down(mlp, ("gate", "up", "down"), p + "mlp.", sh("mlp", "gate", "kernel"),
                            sh("mlp", "down", "kernel"), available, fused_default=m3)
       continue

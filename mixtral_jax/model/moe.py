@@ -125,6 +125,7 @@ class MoE(nnx.Module):
   `gate_proj` [E, D, F], `up_proj` [E, D, F], `down_proj` [E, F, D], and `shared_experts`
   (MLP of width num_shared_experts * shared_expert_dim) when num_shared_experts > 0.
   """
+  ROUTED_EXPERTS = ("gate_proj", "up_proj", "down_proj")  # the stacks a token uses top_k of
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     m = cfg.moe

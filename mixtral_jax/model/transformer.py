@@ -1,7 +1,8 @@
 """The decoder-only MoE transformer: embedding, a stack of blocks, final norm, LM head.
 
-Each block is attention (type from `cfg.attention_pattern`) then a dense SwiGLU MLP (the first
-`cfg.num_dense_layers` layers) or the MoE block. Families differ by config values only.
+Each block is attention then a dense SwiGLU MLP or the MoE block, as the layer plan
+(`plan.layer_plan(cfg)`) says; with cfg.scan_layers a segment of identical layers is one scanned
+block. Families differ by config values only.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.config import pattern_for_layers
 from mixtral_jax.model import layers
+from mixtral_jax.model import plan as plan_lib
 from mixtral_jax.model.attention import make_attention
 from mixtral_jax.model.moe import MoE
 from mixtral_jax.sharding import constrain
@@ -22,15 +23,15 @@ from mixtral_jax.sharding import constrain
 class Block(nnx.Module):
   """norm -> attention -> residual -> norm -> MLP or MoE -> residual."""
 
-  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, spec: plan_lib.LayerSpec, *, rngs: nnx.Rngs):
     dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     norm = dict(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, rngs=rngs,
                 param_dtype=param_dtype)
-    self.attn_type = pattern_for_layers(cfg.attention_pattern, cfg.num_layers)[layer_idx]
+    self.attn_type = spec.attention
     self.input_norm = layers.RMSNorm(cfg.d_model, **norm)
-    self.attn = make_attention(cfg, self.attn_type, layer_idx=layer_idx, rngs=rngs)
+    self.attn = make_attention(cfg, spec.attention, layer_idx=spec.index, rngs=rngs)
     self.post_attn_norm = layers.RMSNorm(cfg.d_model, **norm)
-    self.is_moe = layer_idx >= cfg.num_dense_layers
+    self.is_moe = spec.moe
     if self.is_moe:
       self.mlp = MoE(cfg, rngs=rngs)
     else:
@@ -38,7 +39,7 @@ class Block(nnx.Module):
                             activation=cfg.mlp_activation, alpha=cfg.swiglu_alpha,
                             limit=cfg.swiglu_limit)
     s = cfg.residual_scales
-    kind = "lightning" if self.attn_type == "lightning" else "full"
+    kind = spec.residual_kind
     self.attn_scales = (float(s[f"{kind}_alpha"]), float(s[f"{kind}_beta"]))
     self.mlp_scales = (float(s.mlp_alpha), float(s.mlp_beta))
     self.post_norm_residual = bool(cfg.post_norm_residual)
@@ -67,15 +68,26 @@ class Block(nnx.Module):
     return constrain(x_BTD, "batch", "length", "embed"), cache, {"load": load, "losses": losses}
 
 
-class ScannedBlocks(nnx.Module):
-  """`n` consecutive identical blocks with parameters stacked on a leading layer axis, applied with
-  nnx.scan: one compiled block instead of n (compile time and memory of the big configs)."""
+def _apply(block, x_BTD, positions_BT, cache, remat: bool):
+  """block(x, positions, cache); with `remat`, a full forward (no cache) recomputes the block's
+  activations in the backward pass instead of keeping them. The one remat path of the model."""
+  if remat and cache is None:
+    return nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, positions_BT)
+  return block(x_BTD, positions_BT, cache)
 
-  def __init__(self, cfg, start: int, n: int, *, rngs: nnx.Rngs):
+
+class ScannedBlocks(nnx.Module):
+  """A segment of the layer plan: consecutive identical blocks with parameters stacked on a leading
+  layer axis, applied with nnx.scan: one compiled block instead of n (compile time and memory of the
+  big configs)."""
+
+  def __init__(self, cfg, specs: tuple[plan_lib.LayerSpec, ...], *, rngs: nnx.Rngs):
+    n = len(specs)
+
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n, transform_metadata={nnx.PARTITION_NAME: None})
     def create(rngs):
-      return Block(cfg, start, rngs=rngs)
+      return Block(cfg, specs[0], rngs=rngs)  # the segment's layers differ only in their index
 
     self.blocks = create(rngs)
     self.n = n
@@ -83,21 +95,16 @@ class ScannedBlocks(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, cache=None):
     """Like Block.__call__; the cache and aux["load"] carry a leading [n] layer axis."""
-    def apply(block, x, c):
-      if self.remat and c is None:
-        return nnx.remat(lambda b, x: b(x, positions_BT))(block, x)
-      return block(x, positions_BT, c)
-
     if cache is None:
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
       def body(block, x):
-        x, _, aux = apply(block, x, None)
+        x, _, aux = _apply(block, x, positions_BT, None, self.remat)
         return x, aux
       x_BTD, aux = body(self.blocks, x_BTD)
     else:
       @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0))
       def body(block, x, c):
-        return apply(block, x, c)
+        return _apply(block, x, positions_BT, c, self.remat)
       x_BTD, cache, aux = body(self.blocks, x_BTD, cache)
     losses = {name: jnp.sum(v) for name, v in aux["losses"].items()}
     return x_BTD, cache, {"load": aux["load"], "losses": losses}
@@ -108,20 +115,8 @@ class ScannedBlocks(nnx.Module):
 
 
 def layer_segments(cfg) -> list[tuple[int, int]]:
-  """(first layer, count) of each block the model holds: with cfg.scan_layers, runs of consecutive
-  layers of the same attention type and MLP kind become one scanned segment (Mixtral and M2: all
-  layers; M3: 3 dense-attention + the MSA layers). Lightning layers stay single: their decay
-  slopes depend on the layer index."""
-  types = pattern_for_layers(cfg.attention_pattern, cfg.num_layers)
-  segments, prev = [], None
-  for i, t in enumerate(types):
-    key = (t, i >= cfg.num_dense_layers)
-    if cfg.scan_layers and key == prev and t != "lightning":
-      segments[-1][1] += 1
-    else:
-      segments.append([i, 1])
-    prev = key
-  return [tuple(s) for s in segments]
+  """(first layer, count) of each entry of `Transformer.layers` (see `plan.layer_plan`)."""
+  return [(seg[0].index, len(seg)) for seg in plan_lib.segments(plan_lib.layer_plan(cfg))]
 
 
 class Transformer(nnx.Module):
@@ -132,10 +127,10 @@ class Transformer(nnx.Module):
     dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, dtype=dtype,
                               param_dtype=param_dtype)
-    # layers[i] is Block i, or (cfg.scan_layers) a ScannedBlocks of a run of identical layers.
+    # layers[s] is segment s of the layer plan: one Block, or a ScannedBlocks of identical layers.
     self.layers = nnx.List([
-        Block(cfg, start, rngs=rngs) if n == 1 else ScannedBlocks(cfg, start, n, rngs=rngs)
-        for start, n in layer_segments(cfg)])
+        Block(cfg, seg[0], rngs=rngs) if len(seg) == 1 else ScannedBlocks(cfg, seg, rngs=rngs)
+        for seg in plan_lib.segments(plan_lib.layer_plan(cfg))])
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps,
                                      zero_centered=cfg.norm_zero_centered, rngs=rngs,
                                      param_dtype=param_dtype)
@@ -160,10 +155,10 @@ class Transformer(nnx.Module):
     new_cache, loads, losses = [], [], {}
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      if self.cfg.remat and cache is None and isinstance(block, Block):
-        x_BTD, layer_cache, aux = nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, positions_BT)
-      else:
+      if isinstance(block, ScannedBlocks):  # remats inside its scan body
         x_BTD, layer_cache, aux = block(x_BTD, positions_BT, layer_cache)
+      else:
+        x_BTD, layer_cache, aux = _apply(block, x_BTD, positions_BT, layer_cache, self.cfg.remat)
       new_cache.append(layer_cache)
       if aux["load"] is not None:
         loads.append(aux["load"].reshape(-1, aux["load"].shape[-1]))
@@ -189,19 +184,25 @@ class Transformer(nnx.Module):
 def count_params(model_or_state, cfg) -> dict[str, int]:
   """Total parameters, and active per token (top_k of the routed experts), both with and
   without the embedding tables; `active_matmul`: the active ones a token multiplies through
-  (the input embedding is a gather unless tied to the output), for FLOP estimates."""
+  (the input embedding is a gather unless tied to the output), for FLOP estimates.
+
+  model_or_state: the model, or its nnx.Param state (arrays or ShapeDtypeStructs of eval_shape).
+  The routed experts are the `MoE.ROUTED_EXPERTS` stacks of the plan's MoE layers.
+  """
   state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+  routed_paths = {spec.param_path("mlp", name)[0] for spec in plan_lib.layer_plan(cfg) if spec.moe
+                  for name in MoE.ROUTED_EXPERTS}
   total = embed = input_embed = routed = 0
   for path, v in nnx.to_flat_state(state):
     x = v.get_value() if hasattr(v, "get_value") else v  # arrays or ShapeDtypeStructs (eval_shape)
     n = math.prod(x.shape)
     total += n
-    keys = [str(k) for k in path]
-    if keys[0] in ("embed", "lm_head"):
+    path = tuple(path)
+    if path[0] in ("embed", "lm_head"):
       embed += n
-    if keys[0] == "embed":
+    if path[0] == "embed":
       input_embed += n
-    if any(k in ("gate_proj", "up_proj", "down_proj") for k in keys):  # the routed experts' stacks
+    if path in routed_paths:  # stacked [n_layers, E, ...] in a scanned segment: counted once
       routed += n
   e = cfg.moe
   active = total - routed + (routed * e.top_k // e.num_experts if e.num_experts else 0)
