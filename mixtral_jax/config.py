@@ -5,6 +5,8 @@ Model families differ by these values only; no code branches on a model's name.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 ATTENTION_TYPES = ("full", "swa", "lightning", "msa", "moba")
@@ -13,6 +15,7 @@ DISPATCHES = ("dropless", "capacity")
 QK_NORMS = ("none", "full", "per_head")
 ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", None)
 MSA_SELECTIONS = ("max_heads", "per_group")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the device mesh's axes (see sharding.py)
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -138,6 +141,29 @@ def _fail(field: str, msg: str):
   raise ConfigError(f"config.{field}: {msg}")
 
 
+def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes of `config.mesh` on `num_devices` devices, its -1 entry resolved to the devices
+  left over; raises ConfigError naming the field. Pure Python: `sharding.make_mesh` builds the mesh."""
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f"config.mesh.{a}: must be positive or -1, got {s}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(
+          f"config.mesh.{free[0]}: the other axes ({fixed} devices) do not divide the "
+          f"device count {num_devices}")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+        f"config.mesh: axes multiply to {fixed} devices but {num_devices} are present")
+  return sizes
+
+
 def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_len: int | None = None):
   """Checks a model config; raises ConfigError naming the field. Runs before anything compiles."""
   def pos(name):
@@ -226,8 +252,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   if t.learning_rate <= 0:
     _fail("train.learning_rate", f"must be positive, got {t.learning_rate}")
   if num_devices is not None:
-    from mixtral_jax import sharding  # late import: config must not pull in jax devices
-    shape = sharding.mesh_shape(config.mesh, num_devices)
+    shape = mesh_shape(config.mesh, num_devices)
     data_par = shape["data"] * shape["fsdp"]
     if t.batch_size % data_par:
       _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")

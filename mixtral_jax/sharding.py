@@ -5,14 +5,13 @@ axes. `RULES` below decides how each role is split over the mesh axes data/fsdp/
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from mixtral_jax.config import MESH_AXES, mesh_shape  # noqa: F401 - mesh_shape: sharding's API too
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -67,30 +66,6 @@ def constrain(x, *names: str | None):
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
-def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Resolves the -1 entry of the mesh config; raises ConfigError naming the field."""
-  from mixtral_jax.config import ConfigError
-
-  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
-  free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ConfigError(f"config.mesh.{a}: must be positive or -1, got {s}")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if free:
-    if num_devices % fixed:
-      raise ConfigError(
-          f"config.mesh.{free[0]}: the other axes ({fixed} devices) do not divide the "
-          f"device count {num_devices}")
-    sizes[free[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise ConfigError(
-        f"config.mesh: axes multiply to {fixed} devices but {num_devices} are present")
-  return sizes
-
-
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   """A mesh with axes (data, fsdp, expert, tensor) sized by the config."""
   devices = devices if devices is not None else jax.devices()
@@ -98,7 +73,3 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(
       tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-
-
-def named(mesh, *names: str | None) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(names))

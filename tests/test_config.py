@@ -1,4 +1,7 @@
 """Config errors fail before anything compiles, with a message that names the field."""
+import subprocess
+import sys
+
 import pytest
 
 from mixtral_jax import config as config_lib
@@ -46,3 +49,22 @@ def test_default_config_is_valid():
 def test_pattern_repeats_to_layers():
   assert config_lib.pattern_for_layers(("lightning",) * 3 + ("full",), 8) == (
       ("lightning",) * 3 + ("full",)) * 2
+
+
+def test_mesh_shape_resolves_the_free_axis_and_names_bad_fields():
+  mesh = dict(data=-1, fsdp=2, expert=1, tensor=2)
+  assert config_lib.mesh_shape(mesh, 8) == dict(data=2, fsdp=2, expert=1, tensor=2)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.data"):
+    config_lib.mesh_shape(mesh, 6)
+  with pytest.raises(ConfigError, match="only one axis"):
+    config_lib.mesh_shape(dict(mesh, fsdp=-1), 8)
+  with pytest.raises(ConfigError, match=r"config\.mesh\.tensor"):
+    config_lib.mesh_shape(dict(mesh, tensor=0), 8)
+
+
+def test_config_imports_neither_jax_nor_sharding():
+  # config sits below sharding in the import graph: sharding imports it, never the reverse.
+  code = ("import sys, mixtral_jax.config; "
+          "assert 'mixtral_jax.sharding' not in sys.modules and 'jax' not in sys.modules, "
+          "sorted(m for m in sys.modules if 'jax' in m)")
+  subprocess.run([sys.executable, "-c", code], check=True)
