@@ -11,6 +11,7 @@ from flax import nnx
 
 import attention_naive as naive
 from mixtral_jax.config import model_defaults
+from mixtral_jax.kernels.block_sparse_attention import selection
 from mixtral_jax.model.attention import common, make_attention
 
 B, D = 2, 32
@@ -156,12 +157,12 @@ def test_decode_matches_forward(kind, chunks, max_len):
 def test_select_blocks_hf_index_format():
   # One query at position 9 (block 2 of size 4): block 2 forced, block 3 future, best of 0/1.
   scores = jnp.array([[[[0.5, 2.0, -jnp.inf, -jnp.inf]]]])
-  mask, idx = common.select_blocks(scores, jnp.array([[9]]), block_size=4, top_k=3)
+  mask, idx = selection.select_blocks(scores, jnp.array([[[9 // 4]]]), top_k=3)
   np.testing.assert_array_equal(idx[0, 0, 0], [2, 1, 0])
   np.testing.assert_array_equal(mask[0, 0, 0], [True, True, True, False])
-  mask, idx = common.select_blocks(scores, jnp.array([[1]]), block_size=4, top_k=3)
+  mask, idx = selection.select_blocks(scores, jnp.array([[[1 // 4]]]), top_k=3)
   np.testing.assert_array_equal(idx[0, 0, 0], [0, 1, -1])  # -inf slots become -1
-  np.testing.assert_array_equal(common.block_mask_from_indices(idx, 4), mask)
+  np.testing.assert_array_equal(selection.block_mask_from_indices(idx, 4), mask)
 
 
 def test_registry_and_unknown_impl():
@@ -230,3 +231,21 @@ def test_registry_builds_lightning_with_layer_idx():
   x, pos = inputs(4)
   y3, y0 = m(x, pos)[0], ref(x, pos)[0]
   assert not np.allclose(np.asarray(y3), np.asarray(y0))  # layer_idx reached the decay slopes
+
+
+def test_softmax_attention_empty_rows_are_zero_like_the_kernel_reference():
+  from mixtral_jax.kernels import masked_attention_reference
+  b, t, s, n, k, h = 2, 5, 7, 4, 2, 8
+  kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(kq, (b, t, n, h))
+  keys = jax.random.normal(kk, (b, s, k, h))
+  vals = jax.random.normal(kv, (b, s, k, h))
+  mask_BKTS = jax.random.bernoulli(km, 0.5, (b, k, t, s)).at[:, :, 1].set(False)  # row 1 sees nothing
+  y = common.softmax_attention(q, keys, vals, mask_BKTS[:, :, None])
+  ref = masked_attention_reference(q, keys, vals, mask_BKTS, sm_scale=h ** -0.5)
+  close(y, ref, tol=1e-5)
+  np.testing.assert_array_equal(y[:, 1], 0.0)
+  grads = jax.grad(lambda q, k, v: common.softmax_attention(q, k, v, mask_BKTS[:, :, None]).sum(),
+                   argnums=(0, 1, 2))(q, keys, vals)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  np.testing.assert_array_equal(grads[0][:, 1], 0.0)

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 import attention_naive as naive
-from mixtral_jax.model.attention import common, msa
+from mixtral_jax.kernels.block_sparse_attention import selection
+from mixtral_jax.model.attention import msa
 from test_attention import B, D, build, close, decode, forward, inputs, small_cfg
 
 T = 64
@@ -157,7 +158,7 @@ def test_msa_matches_hf_minimax_m3():
   # Same block choice: HF index lists vs our block mask.
   ccos, csin = m.rope(pos)
   iq, ik = m.indexer(x, ccos, csin)
-  ours = msa.msa_block_mask(msa.index_scores(iq, ik, pos, pos), pos, cfg.msa)
-  hf_mask = common.block_mask_from_indices(jnp.asarray(hf_idx.numpy()), T // cfg.msa.block_size)
+  ours = msa.msa_selection(msa.index_scores(iq, ik, pos, pos), pos, cfg.msa)
+  hf_mask = selection.block_mask_from_indices(jnp.asarray(hf_idx.numpy()), T // cfg.msa.block_size)
   np.testing.assert_array_equal(ours, hf_mask)
   assert int(hf_mask[0, 0, T - 1].sum()) == 2  # sparse: 2 of 8 blocks

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.kernels import (IMPLEMENTATIONS, block_sparse_attention, causal_block_mask, chunked_block_mask,
-                                 default_implementation, make_mask_info, moba_block_mask,
-                                 msa_block_mask, sliding_window_block_mask)
+from mixtral_jax.kernels import (IMPLEMENTATIONS, block_mask_from_indices, block_sparse_attention,
+                                 causal_block_mask, chunked_block_mask, default_implementation,
+                                 local_blocks_mask, make_mask_info, moba_block_mask, msa_block_mask,
+                                 select_blocks, sliding_window_block_mask, topk_indices)
 
 TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2)}  # (forward, gradients)
 
@@ -217,6 +218,25 @@ def test_moba_block_mask_is_causal_topk_with_diagonal():
   assert np.all(np.diagonal(mask, axis1=2, axis2=3))               # own tile always kept
   counts = mask.sum(-1)
   assert np.all(counts <= 3) and np.all(counts[..., 2:] >= 2)
+
+
+def test_selection_topk_local_blocks_and_index_lists():
+  # Rows are queries or q tiles alike: [R=3, C=5] scores, -inf = future blocks.
+  ninf = -jnp.inf
+  scores = jnp.array([[3.0, ninf, ninf, ninf, ninf],
+                      [1.0, 5.0, 2.0, ninf, ninf],
+                      [4.0, 0.0, 3.0, 1.0, 9.0]])
+  idx = topk_indices(scores, 3)
+  np.testing.assert_array_equal(idx, [[0, -1, -1], [1, 2, 0], [4, 0, 2]])  # -inf never selected
+  np.testing.assert_array_equal(block_mask_from_indices(idx, 5),
+                                [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 1, 0, 1]])
+  # Local blocks (the 2 ending at the row's own block) are forced in, counted within top_k.
+  mask, idx = select_blocks(scores, jnp.array([0, 2, 3]), top_k=3, local_blocks=2)
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+  np.testing.assert_array_equal(local_blocks_mask(jnp.array([0, 3]), 5, 2),
+                                [[1, 0, 0, 0, 0], [0, 0, 1, 1, 0]])
+  # The kernels' index-list tile mask is the same function.
+  np.testing.assert_array_equal(msa_block_mask(idx, 5), mask)
 
 
 def _args(**over):

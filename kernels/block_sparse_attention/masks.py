@@ -1,4 +1,6 @@
-"""Block-mask builders. Every builder is jnp, so it works under jit.
+"""Tile-mask builders: which (query tile, kv tile) pairs the kernels compute. Every builder is jnp,
+so it works under jit. The selection primitives they share with the model (top-k with -1 for empty
+slots, index lists <-> masks) live in `selection.py`.
 
 Tile masks are bool [nq, nk] (static patterns; broadcast to [B, K, nq, nk] with `broadcast_mask`) or
 bool [B, K, nq, nk] (data-dependent selections). Queries are the last T of S positions: query tile i
@@ -6,6 +8,8 @@ covers positions [i*block_q + S - T, (i+1)*block_q + S - T).
 """
 import jax
 import jax.numpy as jnp
+
+from .selection import block_mask_from_indices, topk_indices
 
 
 def _tile_positions(t, s, block_q, block_kv):
@@ -52,14 +56,11 @@ def topk_block_mask(scores_BKQC, top_k, *, t, s, block_q, block_kv, causal=True,
   each q tile's last position (its own block) is always chosen, on top of the top-k.
   """
   nk = scores_BKQC.shape[-1]
-  top_k = min(top_k, nk)
   scores = scores_BKQC.astype(jnp.float32)
   if causal:
     allowed_QC = causal_block_mask(t, s, block_q=block_q, block_kv=block_kv)
     scores = jnp.where(allowed_QC, scores, -jnp.inf)
-  _, idx_BKQk = jax.lax.top_k(scores, top_k)
-  picked = jnp.take_along_axis(scores, idx_BKQk, axis=-1) > -jnp.inf
-  mask = jnp.any(jax.nn.one_hot(idx_BKQk, nk, dtype=jnp.bool_) & picked[..., None], axis=-2)
+  mask = block_mask_from_indices(topk_indices(scores, top_k), nk)
   if keep_diagonal:
     _, q_hi, _, _ = _tile_positions(t, s, block_q, block_kv)
     diag_QC = jax.nn.one_hot(q_hi // block_kv, nk, dtype=jnp.bool_)
@@ -83,7 +84,7 @@ def moba_block_mask(q, k, *, block_q, block_kv, top_k, causal=True):
 
 
 def msa_block_mask(indices_BKQk, num_kv_blocks):
-  """Mask from per-q-tile selected kv-tile indices [B, K, nq, k] (int; negative = no selection),
-  as an MSA/NSA indexer produces them -> bool [B, K, nq, num_kv_blocks]."""
-  one_hot = jax.nn.one_hot(indices_BKQk, num_kv_blocks, dtype=jnp.bool_)  # negative -> all False
-  return jnp.any(one_hot, axis=-2)
+  """Tile mask from per-q-tile selected kv-tile indices [B, K, nq, k] (int; negative = no selection),
+  as an MSA/NSA indexer produces them -> bool [B, K, nq, num_kv_blocks]
+  (`selection.block_mask_from_indices` at tile granularity)."""
+  return block_mask_from_indices(indices_BKQk, num_kv_blocks)

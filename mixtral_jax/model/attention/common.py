@@ -5,9 +5,11 @@
   per-query block selection. Every variant describes its mask with these few structured
   arguments (positions, window, block mask) instead of a dense mask, so a block-sparse kernel
   (`mixtral_jax.kernels.block_sparse_attention`) can replace the XLA path behind the same call.
-- `softmax_attention`: the plain dense reference (explicit boolean mask).
-- `select_blocks` / `block_mask_from_indices` / `expand_block_mask`: block selection helpers
-  (top-k over block scores, HF index lists <-> boolean block masks).
+- `softmax_attention`: the plain dense reference (explicit boolean mask; rows that see no key give
+  zeros, as the kernels' reference).
+- `expand_block_mask`: a per-query block selection [B, K, T, C] -> token mask. The selection
+  itself (top-k with forced local blocks, index lists <-> block masks) is the kernels' vocabulary:
+  `mixtral_jax.kernels.block_sparse_attention.selection`.
 - `KVCache`: linear key/value cache written at the chunk's first position.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ from mixtral_jax.model import layers
 
 # Positions of unwritten cache slots: larger than any real position, so causality hides them.
 EMPTY_POSITION = 2 ** 30
-XLA_IMPLS = ("xla", None)
 
 
 @struct.dataclass
@@ -110,7 +111,8 @@ def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, scale=None, return_probs=
   """Plain dense GQA softmax attention: the reference every other path must match.
 
   mask: bool, True = may attend, broadcastable to [B, K, G, T, S] (e.g. [B, 1, 1, T, S] or
-  [B, K, 1, T, S]). Every query row must keep at least one key. Logits and softmax in float32.
+  [B, K, 1, T, S]). A query row that sees no key gets zero probabilities and output zeros (the
+  kernels' `masked_attention_reference` semantics). Logits and softmax in float32.
   Returns y [B, T, N, H] in q's dtype (and the probabilities [B, K, G, T, S] if return_probs).
   """
   b, t, n, h = q_BTNH.shape
@@ -120,7 +122,11 @@ def softmax_attention(q_BTNH, k_BSKH, v_BSKH, mask, *, scale=None, return_probs=
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask, logits, -jnp.inf)
-  probs_BKGTS = jax.nn.softmax(logits, axis=-1)
+  # softmax with an empty row -> 0 instead of NaN (the max of an empty row is taken as 0).
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  probs_BKGTS = p / jnp.where(denom == 0.0, 1.0, denom)
   y_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
   y_BTNH = y_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
   return (y_BTNH, probs_BKGTS) if return_probs else y_BTNH
@@ -157,7 +163,7 @@ def attention_core(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, k_positions_BS, wi
   tiles of `kernel_block`; the other cases, which need token-level masks inside tiles, stay on
   the XLA path (logged once). Returns y [B, T, N, H].
   """
-  if implementation not in XLA_IMPLS or implementation is None:
+  if implementation != "xla":  # a named kernel, or None: the backend's best (XLA on CPU)
     y = _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation,
                           kernel_block)
     if y is not None:
@@ -205,32 +211,6 @@ def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implement
 def expand_block_mask(block_mask_BKTC, block_kv: int, num_keys: int):
   """Block mask [B, K, T, C] -> token mask [B, K, T, S] (key slot s lies in block s // block_kv)."""
   return jnp.repeat(block_mask_BKTC, block_kv, axis=-1)[..., :num_keys]
-
-
-def block_mask_from_indices(indices_BKTk, num_blocks: int):
-  """HF-style index lists (block ids, -1 = empty slot) -> bool block mask [B, K, T, num_blocks]."""
-  onehot = indices_BKTk[..., None] == jnp.arange(num_blocks)
-  return jnp.any(onehot & (indices_BKTk[..., None] >= 0), axis=-2)
-
-
-def select_blocks(scores_BKTC, q_positions_BT, *, block_size: int, top_k: int,
-                  local_blocks: int = 1):
-  """Top-k key blocks per query row, as HF's MiniMax-M3 indexer chooses them.
-
-  scores_BKTC: float32 block scores; blocks holding only future keys must already be -inf.
-  The `local_blocks` blocks ending at the query's own block get +inf (always kept); a block
-  whose score stays -inf is never selected. Returns (block_mask bool [B, K, T, C],
-  indices int32 [B, K, T, k] with -1 for unused slots: the HF / kernel index-list format).
-  """
-  c = scores_BKTC.shape[-1]
-  q_block_BT = q_positions_BT // block_size
-  local_BTC = jnp.zeros(q_block_BT.shape + (c,), bool)
-  for i in range(local_blocks):
-    local_BTC |= jnp.maximum(q_block_BT - i, 0)[..., None] == jnp.arange(c)
-  scores_BKTC = jnp.where(local_BTC[:, None], jnp.inf, scores_BKTC)
-  top_scores, indices = jax.lax.top_k(scores_BKTC, min(top_k, c))
-  indices = jnp.where(top_scores == -jnp.inf, -1, indices).astype(jnp.int32)
-  return block_mask_from_indices(indices, c), indices
 
 
 def pad_to_blocks(x, block: int, axis: int, value=0):

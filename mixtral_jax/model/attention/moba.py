@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
 from mixtral_jax.model.attention.common import (
-    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks, select_blocks)
+    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks)
 
 
-def moba_block_mask(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: int):
-  """Block selection [B, K, T, C] (key slot s is in block s // block_size; slot s = position s)."""
+def moba_selection(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: int):
+  """Per-query block selection bool [B, K, T, C] (key slot s is in block s // block_size; slot s =
+  position s). The kernels' `masks.moba_block_mask` is the per-q-tile tile mask of the same gating."""
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
   qg_BTKH = q_BTNH.astype(jnp.float32).reshape(b, t, k, n // k, h).mean(axis=3)
@@ -30,7 +32,7 @@ def moba_block_mask(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: i
   c = scores_BKTC.shape[-1]
   past_BTC = jnp.arange(c) < (q_positions_BT // block_size)[..., None]  # complete blocks only
   scores_BKTC = jnp.where(past_BTC[:, None], scores_BKTC, -jnp.inf)
-  mask, _ = select_blocks(scores_BKTC, q_positions_BT, block_size=block_size, top_k=top_k,
+  mask, _ = select_blocks(scores_BKTC, (q_positions_BT // block_size)[:, None], top_k=top_k,
                           local_blocks=1)
   return mask
 
@@ -43,7 +45,7 @@ class MoBAAttention(SoftmaxAttentionBase):
     bs = self.cfg.moba.block_size
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
     k_BSKH, v_BSKH, k_pos, cache = self.keys(k_BTKH, v_BTKH, positions_BT, cache)
-    block_mask_BKTC = moba_block_mask(q_BTNH, k_BSKH.astype(q_BTNH.dtype), positions_BT,
+    block_mask_BKTC = moba_selection(q_BTNH, k_BSKH.astype(q_BTNH.dtype), positions_BT,
                                       block_size=bs, top_k=self.cfg.moba.top_k)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,

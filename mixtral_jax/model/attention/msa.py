@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
 from mixtral_jax.model import layers
 from mixtral_jax.model.attention.common import (
-    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks, select_blocks, token_mask)
+    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks, token_mask)
 
 
 @struct.dataclass
@@ -61,15 +62,16 @@ def index_scores(q_BTKI, k_BSI, q_positions_BT, k_positions_BS):
   return jnp.where(future, -jnp.inf, s_BKTS)
 
 
-def msa_block_mask(scores_BKTS, q_positions_BT, msa_cfg):
-  """Block max of the token scores, then HF top-k selection. Returns bool [B, K, T, C]."""
+def msa_selection(scores_BKTS, q_positions_BT, msa_cfg):
+  """Block max of the token scores, then HF top-k selection: the per-query block selection bool
+  [B, K, T, C]. (The kernels' `masks.msa_block_mask` turns per-q-tile index lists into a tile mask.)"""
   bs = msa_cfg.block_size
   b, k, t, _ = scores_BKTS.shape
   blocks_BKTC = pad_to_blocks(scores_BKTS, bs, axis=-1, value=-jnp.inf).reshape(
       b, k, t, -1, bs).max(axis=-1)
   if msa_cfg.selection == "max_heads":
     blocks_BKTC = blocks_BKTC.max(axis=1, keepdims=True)
-  mask_BKTC, _ = select_blocks(blocks_BKTC, q_positions_BT, block_size=bs,
+  mask_BKTC, _ = select_blocks(blocks_BKTC, (q_positions_BT // bs)[:, None],
                                top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks)
   return jnp.broadcast_to(mask_BKTC, (b, k) + mask_BKTC.shape[2:])
 
@@ -112,7 +114,7 @@ class MSAAttention(SoftmaxAttentionBase):
       cache = MSACache(kv=kv, index_k_BSI=ik_BSI)
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
     scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
-    block_mask_BKTC = msa_block_mask(scores_BKTS, positions_BT, m)
+    block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=m.block_size, implementation=self.cfg.attention_impl)
