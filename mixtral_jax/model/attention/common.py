@@ -10,7 +10,7 @@
 - `expand_block_mask`: a per-query block selection [B, K, T, C] -> token mask. The selection
   itself (top-k with forced local blocks, index lists <-> block masks) is the kernels' vocabulary:
   `mixtral_jax.kernels.block_sparse_attention.selection`.
-- `KVCache`: linear key/value cache written at the chunk's first position.
+- `KVCache` (from cache.py, with the cache protocol): linear key/value cache.
 """
 from __future__ import annotations
 
@@ -18,36 +18,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from mixtral_jax.model import layers
-
-# Positions of unwritten cache slots: larger than any real position, so causality hides them.
-EMPTY_POSITION = 2 ** 30
-
-
-@struct.dataclass
-class KVCache:
-  """Keys/values of every position so far; slot s holds position s."""
-  k_BSKH: jax.Array
-  v_BSKH: jax.Array
-
-  @classmethod
-  def zeros(cls, batch, max_len, num_kv_heads, head_dim, dtype):
-    shape = (batch, max_len, num_kv_heads, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-  def write(self, k_BTKH, v_BTKH, start):
-    """Writes T new positions starting at slot `start` (a traced scalar is fine)."""
-    idx = (0, start, 0, 0)
-    return self.replace(
-        k_BSKH=jax.lax.dynamic_update_slice(self.k_BSKH, k_BTKH.astype(self.k_BSKH.dtype), idx),
-        v_BSKH=jax.lax.dynamic_update_slice(self.v_BSKH, v_BTKH.astype(self.v_BSKH.dtype), idx))
-
-  @property
-  def positions_1S(self):
-    return jnp.arange(self.k_BSKH.shape[1], dtype=jnp.int32)[None]
-
+from mixtral_jax.model.attention.cache import EMPTY_POSITION, KVCache  # noqa: F401 - re-exported
 
 class SoftmaxAttentionBase(nnx.Module):
   """Projections, QK-norm and rope shared by the softmax attention variants.

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mixtral_jax import sharding
+from mixtral_jax.model.attention.cache import LightningCache
 from mixtral_jax.model.layers import Linear, RMSNorm, dtype_of
 
 # transformers builds the lightning norm as MiniMaxRMSNorm(N * H) with its default eps, not
@@ -59,8 +60,7 @@ def lightning_step(q_BNH, k_BNH, v_BNH, slopes_N, kv_BNHJ):
   return jnp.einsum("BNH,BNHJ->BNJ", q, kv), kv
 
 
-def lightning_core(q_BTNH, k_BTNH, v_BTNH, slopes_N, kv_BNHJ=None, *, block_size: int,
-                   implementation: str | None = None):
+def lightning_core(q_BTNH, k_BTNH, v_BTNH, slopes_N, kv_BNHJ=None, *, block_size: int):
   """Block-wise decayed causal linear attention over T tokens that follow the state `kv_BNHJ`.
 
   Args:
@@ -69,12 +69,10 @@ def lightning_core(q_BTNH, k_BTNH, v_BTNH, slopes_N, kv_BNHJ=None, *, block_size
     kv_BNHJ: float32 [B, N, H, H] state after the earlier tokens (sum_s exp(-slope (t0-1-s)) k_s^T v_s),
       or None for an empty history.
     block_size: tokens per block; T need not be a multiple (the last block is shorter).
-    implementation: cfg.attention_impl. There is no Pallas lightning kernel (yet); every value runs
-      this XLA form.
+    (There is no Pallas lightning kernel yet: cfg.attention_impl does not apply here.)
   Returns:
     (o float32 [B, T, N, H], kv float32 [B, N, H, H] state after the last of the T tokens).
   """
-  del implementation
   b, t, n, h = q_BTNH.shape
   c = min(block_size, t)
   num_blocks = -(-t // c)
@@ -133,7 +131,8 @@ class LightningAttention(nnx.Module):
     out_proj.kernel [N, H, D]     (HF out_proj.weight [D, N*H])
   `layer_idx`: this layer's index among all cfg.num_layers decoder layers (default 0); it sets the
   decay slopes (see `lightning_slopes`), so pass the real index to match a pretrained MiniMax-01.
-  The cache is {"kv": float32 [B, N, H, H]}: the decayed sum of k^T v over all earlier tokens.
+  The cache is a `LightningCache`: float32 kv_BNHJ [B, N, H, H], the decayed sum of k^T v over all
+  earlier tokens.
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, layer_idx: int = 0):
@@ -146,7 +145,6 @@ class LightningAttention(nnx.Module):
     self.out_proj = Linear((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", **kw)
     self.num_heads, self.head_dim = n, h
     self.block_size = cfg.lightning_block
-    self.implementation = cfg.attention_impl
     self.layer_idx = layer_idx
     # Python floats (static), turned into a float32 array at each call.
     self.slopes = tuple(float(s) for s in lightning_slopes(n, layer_idx, cfg.num_layers))
@@ -162,24 +160,24 @@ class LightningAttention(nnx.Module):
     q_BTNH, k_BTNH, v_BTNH = qkv_BTNIH[:, :, :, 0], qkv_BTNIH[:, :, :, 1], qkv_BTNIH[:, :, :, 2]
     slopes_N = jnp.asarray(self.slopes, jnp.float32)
 
-    kv_BNHJ = None if cache is None else cache["kv"]
+    kv_BNHJ = None if cache is None else cache.kv_BNHJ
     if cache is not None and t == 1:
       o_BNH, kv_BNHJ = lightning_step(q_BTNH[:, 0], k_BTNH[:, 0], v_BTNH[:, 0], slopes_N, kv_BNHJ)
       o_BTNH = o_BNH[:, None]
     else:
       o_BTNH, kv_BNHJ = lightning_core(q_BTNH, k_BTNH, v_BTNH, slopes_N, kv_BNHJ,
-                                       block_size=self.block_size, implementation=self.implementation)
+                                       block_size=self.block_size)
     # The norm spans all heads together: flatten to [B, T, N*H] as the reference does.
     o_flat = self.norm(o_BTNH.astype(self.dtype).reshape(b, t, n * h))
     gate_flat = jax.nn.sigmoid(self.output_gate(x_BTD)).reshape(b, t, n * h)
     y_BTD = self.out_proj((gate_flat * o_flat).reshape(b, t, n, h))
-    new_cache = None if cache is None else {
-        "kv": sharding.constrain(kv_BNHJ, "batch", "heads", "head_dim", None)}
-    return y_BTD, new_cache, {}
+    if cache is not None:
+      cache = cache.write(sharding.constrain(kv_BNHJ, "batch", "heads", "head_dim", None), None)
+    return y_BTD, cache, {}
 
   def init_cache(self, batch: int, max_len: int, dtype=None):
-    """Empty cache {"kv": zeros float32 [B, N, H, H]}; its size does not grow with max_len, and
+    """Empty LightningCache (zeros float32 [B, N, H, H]); its size does not grow with max_len, and
     it stays float32 whatever `dtype` (the decayed state loses precision in low precision)."""
     del max_len, dtype
     kv = jnp.zeros((batch, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
-    return {"kv": sharding.constrain(kv, "batch", "heads", "head_dim", None)}
+    return LightningCache(sharding.constrain(kv, "batch", "heads", "head_dim", None))

@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
 from mixtral_jax.model import layers
+from mixtral_jax.model.attention.cache import MSACache
 from mixtral_jax.model.attention.common import (
-    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks, token_mask)
-
-
-@struct.dataclass
-class MSACache:
-  """Main keys/values plus the indexer's key per position (slot s = position s)."""
-  kv: KVCache
-  index_k_BSI: jax.Array
+    SoftmaxAttentionBase, attention_core, pad_to_blocks, token_mask)
 
 
 class Indexer(nnx.Module):
@@ -103,15 +97,13 @@ class MSAAttention(SoftmaxAttentionBase):
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
     cos, sin = self.rope(positions_BT)
     iq_BTKI, ik_BTI = self.indexer(jax.lax.stop_gradient(x_BTD), cos, sin)
-    training = cache is None
-    k_BSKH, v_BSKH, k_pos, kv = self.keys(k_BTKH, v_BTKH, positions_BT,
-                                          None if training else cache.kv)
-    if training:
-      ik_BSI = ik_BTI
+    full_forward = cache is None  # training or evaluation over whole sequences: no cache
+    if full_forward:
+      k_BSKH, v_BSKH, k_pos, ik_BSI = k_BTKH, v_BTKH, positions_BT, ik_BTI
     else:
-      ik_BSI = jax.lax.dynamic_update_slice(
-          cache.index_k_BSI, ik_BTI.astype(cache.index_k_BSI.dtype), (0, positions_BT[0, 0], 0))
-      cache = MSACache(kv=kv, index_k_BSI=ik_BSI)
+      cache = cache.write(k_BTKH, v_BTKH, ik_BTI, positions_BT[0, 0])
+      k_BSKH, v_BSKH, k_pos, ik_BSI = (cache.kv.k_BSKH, cache.kv.v_BSKH, cache.positions[None],
+                                       cache.index_k_BSI)
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
     scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
     block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
@@ -119,7 +111,7 @@ class MSAAttention(SoftmaxAttentionBase):
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=m.block_size, implementation=self.cfg.attention_impl)
     losses = {}
-    if m.kl_loss_weight and training:  # the indexer trains on full forwards; decode needs no KL
+    if m.kl_loss_weight and full_forward:  # the indexer trains on full forwards; decode needs no KL
       mask_BKTS = token_mask(positions_BT, k_pos, block_mask_BKTC=block_mask_BKTC,
                              block_kv=m.block_size)
       kl = indexer_kl(q_BTNH, k_BSKH, scores_BKTS, mask_BKTS, scale=self.scale,

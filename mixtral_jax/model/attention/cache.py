@@ -1,0 +1,143 @@
+"""Decode caches: the one protocol every attention cache follows, and the caches themselves.
+
+  capacity    static int: key slots the cache holds (0 for a fixed-size recurrent state)
+  positions   int32 [capacity]: the absolute position each slot holds (or will hold once written);
+              EMPTY_POSITION where a slot can hold nothing yet, so causal masking hides it
+  write(*chunk, start)  the cache after writing a chunk of T consecutive positions start..start+T-1
+              (chunk arrays [B, T, ...] in the cache's field order; `start` may be traced)
+
+Every cache is a `flax.struct.dataclass` (a pytree: jit donates it, nnx.scan carries it). Under
+`cfg.scan_layers` a segment's caches are stacked on a leading layer axis; the protocol is read on
+one layer's cache, inside the scan body. New per-slot data (e.g. per-block key summaries for a
+decode kernel) is one more field and one more line in `write`.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# Positions of unwritten cache slots: larger than any real position, so causality hides them.
+EMPTY_POSITION = 2 ** 30
+
+
+@runtime_checkable
+class Cache(Protocol):
+  """What a decode kernel may rely on, whatever the attention variant."""
+
+  @property
+  def capacity(self) -> int: ...
+
+  @property
+  def positions(self) -> jax.Array: ...
+
+  def write(self, *chunk_and_start) -> "Cache": ...
+
+
+def _update(buf, chunk, start):
+  """buf [B, S, ...] with chunk [B, T, ...] written at slots start..start+T-1."""
+  idx = (0, start) + (0,) * (buf.ndim - 2)
+  return jax.lax.dynamic_update_slice(buf, chunk.astype(buf.dtype), idx)
+
+
+@struct.dataclass
+class KVCache:
+  """Keys/values of every position so far; slot s holds position s."""
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+
+  @classmethod
+  def zeros(cls, batch, max_len, num_kv_heads, head_dim, dtype):
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  @property
+  def capacity(self) -> int:
+    return self.k_BSKH.shape[-3]
+
+  @property
+  def positions(self):
+    return jnp.arange(self.capacity, dtype=jnp.int32)
+
+  @property
+  def positions_1S(self):
+    return self.positions[None]
+
+  def write(self, k_BTKH, v_BTKH, start):
+    """Writes T new positions starting at slot `start` (a traced scalar is fine)."""
+    return self.replace(k_BSKH=_update(self.k_BSKH, k_BTKH, start),
+                        v_BSKH=_update(self.v_BSKH, v_BTKH, start))
+
+
+@struct.dataclass
+class RingCache:
+  """The last `window` keys/values; slot p % window holds position p (`positions_W`, or empty)."""
+  k_BWKH: jax.Array
+  v_BWKH: jax.Array
+  positions_W: jax.Array  # int32; EMPTY_POSITION where nothing was written yet
+
+  @classmethod
+  def zeros(cls, batch, window, num_kv_heads, head_dim, dtype):
+    shape = (batch, window, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.full((window,), EMPTY_POSITION, jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.positions_W.shape[-1]
+
+  @property
+  def positions(self):
+    return self.positions_W
+
+  def write(self, k_BTKH, v_BTKH, start):
+    """Writes positions start..start+T-1; only the last `window` of them survive."""
+    window, t = self.capacity, k_BTKH.shape[1]
+    n = min(t, window)
+    new_pos = (start + jnp.arange(t - n, t)).astype(jnp.int32)
+    slots = new_pos % window
+    return RingCache(
+        k_BWKH=self.k_BWKH.at[:, slots].set(k_BTKH[:, -n:].astype(self.k_BWKH.dtype)),
+        v_BWKH=self.v_BWKH.at[:, slots].set(v_BTKH[:, -n:].astype(self.v_BWKH.dtype)),
+        positions_W=self.positions_W.at[slots].set(new_pos))
+
+
+@struct.dataclass
+class MSACache:
+  """Main keys/values plus the indexer's key per position (slot s = position s)."""
+  kv: KVCache
+  index_k_BSI: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.kv.capacity
+
+  @property
+  def positions(self):
+    return self.kv.positions
+
+  def write(self, k_BTKH, v_BTKH, index_k_BTI, start):
+    return MSACache(kv=self.kv.write(k_BTKH, v_BTKH, start),
+                    index_k_BSI=_update(self.index_k_BSI, index_k_BTI, start))
+
+
+@struct.dataclass
+class LightningCache:
+  """Lightning attention's recurrent state: the decayed sum of k^T v over every earlier token,
+  float32 [B, N, H, H]. It holds no key slots (capacity 0): its size does not grow with the context."""
+  kv_BNHJ: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return 0
+
+  @property
+  def positions(self):
+    return jnp.zeros((0,), jnp.int32)
+
+  def write(self, kv_BNHJ, start):
+    """The state after a chunk (computed by the lightning recurrence); `start` is not needed."""
+    del start
+    return self.replace(kv_BNHJ=kv_BNHJ.astype(self.kv_BNHJ.dtype))
