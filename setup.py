@@ -28,14 +28,13 @@ setuptools.setup(
         "matplotlib",
         "absl-py",
         "numpy",
-        "safetensors",
+        "ml_dtypes",  # bfloat16 / float8 numpy dtypes of safetensors files (convert/safetensors_io.py)
     ],
     extras_require={
         "test": [
             "pytest",
             "pytest-xdist",
             "hypothesis",
-            "chex",
             "torch==2.13.0",
             "transformers>=5",
         ],

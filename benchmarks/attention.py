@@ -13,20 +13,17 @@ time (issue 4's target: <= 1.2), d being the share of causal tiles the mask keep
 jax's own Mosaic-GPU flash attention (attention_mgpu) runs in fp16 (its kernel stages in f16), on a
 pre-scaled q (it has no softmax scale) and forward only (its backward has no causal mode).
 Every implementation is first checked against the f32 reference at the first sequence length.
+Imports the installed package (`pip install -e .` or a wheel): mixtral_jax.kernels.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kernels.block_sparse_attention import api, mask_info, masks  # noqa: E402
+from mixtral_jax.kernels.block_sparse_attention import api, mask_info, masks
 
 B, H, D, BLOCK = 1, 16, 128, 128
 DENSITIES = (1.0, 0.5, 0.25, 0.125)

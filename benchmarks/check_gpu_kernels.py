@@ -5,17 +5,15 @@
 Checks `pallas_mosaic_gpu` and `pallas_triton` (whichever import) through `block_sparse_attention`
 against the `xla` reference run on f32 copies of the same bf16 inputs. Prints ||x - ref|| / ||ref||
 for out, dq, dk, dv per case (fresh random inputs and masks each case; NaN fails).
+Imports the installed package (`pip install -e .` or a wheel): mixtral_jax.kernels.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kernels.block_sparse_attention import api, masks  # noqa: E402
+from mixtral_jax.kernels.block_sparse_attention import api, masks
 
 TOL = 2e-2  # bf16 operands: expect 1e-3..1e-2
 

@@ -175,7 +175,7 @@ def test_train_iterator_deterministic_and_mixed():
   assert a[0]["inputs"].shape == (8, 64) and a[0]["task_id"].shape == (8,)
   ids = set(np.concatenate([x["task_id"] for x in a]).tolist())
   assert ids == {tasks.TASK_IDS[n] for n in c.data.tasks}
-  assert {pipeline.task_names(c)[i] for i in ids} == set(c.data.tasks)
+  assert {pipeline.task_names()[i] for i in ids} == set(c.data.tasks)
   # Batch rows are the global examples of the index map.
   np.testing.assert_array_equal(a[1]["inputs"][2], pipeline.train_example(c, 3, 8 + 2)["inputs"])
 

@@ -26,8 +26,9 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def _dot(a, b, dims=_NN):
-  """f32-accumulating matmul; precision pinned from the operands (a global 'highest' default must not
-  turn a bf16 matmul into an fp32-contract one, which Mosaic rejects)."""
+  """f32-accumulating matmul; precision pinned from the operands: float32 tiles at HIGHEST (true fp32
+  dots, not TF32, so the kernel meets the reference's fp32 tolerance), bf16/fp16 tiles at DEFAULT
+  (whatever jax_default_matmul_precision says globally)."""
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 

@@ -48,8 +48,9 @@ def mixture(data_config) -> tuple[tuple[str, ...], np.ndarray]:
   return names, p / p.sum()
 
 
-def task_names(config=None) -> list[str]:
-  """batch["task_id"] -> name: TASKS registry order, then "text" (global ids, not per config)."""
+def task_names() -> list[str]:
+  """batch["task_id"] -> name: TASKS registry order, then "text". The ids are global (the same for
+  every config), so a run's metrics and a mixed evaluation agree on them."""
   return list(tasks_lib.TASKS) + [TEXT]
 
 

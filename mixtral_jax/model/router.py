@@ -65,12 +65,11 @@ def route(logits_NE, *, kind: str, top_k: int, normalize_topk: bool = True,
   """
   if kind == "softmax":
     scores_NE = jax.nn.softmax(logits_NE, axis=-1)
-    choice_NE = scores_NE
   elif kind == "sigmoid":
     scores_NE = jax.nn.sigmoid(logits_NE)
-    choice_NE = scores_NE
   else:
     raise ValueError(f"router: unknown kind {kind!r}; expected 'softmax' or 'sigmoid'")
+  choice_NE = scores_NE
   if bias_E is not None:
     # DeepSeek-V3 aux-loss-free balancing: the bias moves the choice, not the weights.
     choice_NE = scores_NE + bias_E.astype(jnp.float32)
