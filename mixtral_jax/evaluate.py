@@ -168,9 +168,14 @@ def plot(report, path: str):
       err = [[y - lo for y, (lo, _) in zip(ys, lo_hi)], [hi - y for y, (_, hi) in zip(ys, lo_hi)]]
       ax.errorbar(lengths, ys, yerr=err, marker=marker, ls=ls, color=color, capsize=3,
                   label=f"{task}: {label}")
-    chance = report.get("chance_per_token", {}).get(task)
-    if chance is not None:
-      ax.axhline(chance, color=color, ls=":", lw=1, label=f"{task}: chance per token (1/{round(1 / chance)})")
+  # One line per distinct chance level (tasks answering from the same symbols share one).
+  by_chance = {}
+  for task, chance in report.get("chance_per_token", {}).items():
+    by_chance.setdefault(chance, []).append(task)
+  for chance, tasks in by_chance.items():
+    who = "" if len(by_chance) == 1 else f" ({', '.join(tasks)})"
+    ax.axhline(chance, color="black", ls=":", lw=1,
+               label=f"chance per answer token: 1/{round(1 / chance)}{who}")
   lo, hi = all_lengths[0] / 1.3, all_lengths[-1] * 1.3
   if lo <= report["train_seq_len"] <= hi:
     ax.axvline(report["train_seq_len"], color="gray", ls="--", lw=1, label="training length")
