@@ -41,6 +41,27 @@ def test_none_and_strings_reachable_from_the_cli():
   assert c.model.attention_impl == "xla"
 
 
+def _none_defaults(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _none_defaults(v, f"{prefix}{k}.")
+    elif v is None:
+      yield prefix + k
+
+
+def test_every_none_default_is_settable_from_the_cli():
+  # A plain None default makes ml_collections refuse any override ("NoneType ... not supported"):
+  # such fields must be typed references listed in NONE_FIELDS.
+  nones = sorted(_none_defaults(config_lib.default_config().to_dict()))
+  assert nones and set(nones) <= set(config_lib.NONE_FIELDS), nones
+  for field in nones:
+    c = parse(f"--config.{field}=some_string")
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    assert node == "some_string", field
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("num_examples", 0, "eval.num_examples: must be a positive integer"),
     ("batch_size", 0, "eval.batch_size: must be a positive integer"),
