@@ -38,6 +38,9 @@ setuptools.setup(
             "chex",
             "torch==2.13.0",
             "transformers>=5",
+            "nbclient",   # tests/test_notebook.py executes notebooks/quickstart.ipynb
+            "nbformat",
+            "ipykernel",
         ],
         "tpu": ["jax[tpu]"],
     },
