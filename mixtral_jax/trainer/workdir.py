@@ -201,6 +201,6 @@ def check_model_unchanged(recorded, config, *, allow=(), workdir: str = "",
     raise ConfigMismatchError(
         f"workdir {workdir} was trained with a different model config ({CONFIG_FILE}); "
         f"differing fields:\n{lines}\nUse the run's config (evaluate needs only --workdir), a new "
-        f"--workdir, or {flag}={','.join(k[len('model.'):] for k in refused)} for fields that "
-        "leave the parameters unchanged (a kernel, dtype, window, ...).")
+        f"--workdir, or, for fields that leave the parameters' shapes unchanged (a kernel, dtype, "
+        f"window, ...), {flag}=FIELD,...")
   return diff
