@@ -37,6 +37,9 @@ setuptools.setup(
             "hypothesis",
             "torch==2.13.0",
             "transformers>=5",
+            "nbclient",   # tests/test_notebook.py executes notebooks/quickstart.ipynb
+            "nbformat",
+            "ipykernel",
         ],
         "tpu": ["jax[tpu]"],
     },

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 ATTENTION_TYPES = ("full", "swa", "lightning", "msa", "moba")
 ROUTERS = ("softmax", "sigmoid")
@@ -16,6 +17,13 @@ QK_NORMS = ("none", "full", "per_head")
 ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", None)
 MSA_SELECTIONS = ("max_heads", "per_group")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the device mesh's axes (see sharding.py)
+# Fields documented as taking None. They are typed references (str), so the command line can set
+# them to a string even when the default is None, and `resolve_cli_none` turns "None" into None.
+NONE_FIELDS = ("model.attention_impl", "model.moe.grouped_matmul")
+
+
+def _str_or_none(default):
+  return config_dict.FieldReference(default, field_type=str)
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -49,7 +57,7 @@ def model_defaults() -> ml_collections.ConfigDict:
   m.swiglu_limit = 7.0
   # One entry per layer, or a period repeated to num_layers ([lightning]*7 + [full]).
   m.attention_pattern = ("full",)
-  m.attention_impl = "xla"     # xla | pallas_tpu | pallas_triton | pallas_mosaic_gpu | None (best)
+  m.attention_impl = _str_or_none("xla")  # xla | pallas_tpu | pallas_triton | pallas_mosaic_gpu | None (best)
   m.attention_block = 128      # tile size (block_q = block_kv) of the Pallas attention kernels
   m.window = 64                # swa: each query sees itself and the window-1 keys before it
   m.lightning_block = 64       # lightning: block size of the intra/inter-block training form
@@ -75,7 +83,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_expert_dim=64,
       dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
-      grouped_matmul=None,       # dropless matmul: ragged_dot | blocked | None (blocked on CPU)
+      grouped_matmul=_str_or_none(None),  # dropless matmul: ragged_dot | blocked | None (blocked on CPU)
       capacity_factor=1.25,
       aux_loss_weight=0.0,       # sequence-wise balance loss
       z_loss_weight=0.0,         # router z-loss
@@ -131,6 +139,19 @@ def pattern_for_layers(pattern, num_layers: int) -> tuple[str, ...]:
   """Repeats `attention_pattern` to one attention type per layer."""
   pattern = tuple(pattern)
   return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+
+
+def resolve_cli_none(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`--config.model.attention_impl=None` arrives as the string "None": makes it None (in place)
+  for the NONE_FIELDS. Returns config."""
+  for field in NONE_FIELDS:
+    *parents, name = field.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p) if node is not None else None
+    if node is not None and name in node and node[name] in ("None", "none"):
+      node[name] = None
+  return config
 
 
 class ConfigError(ValueError):
@@ -258,3 +279,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
       _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")
   if not len(config.data.tasks) and not len(config.data.text_files):
     _fail("data.tasks", "no tasks and no text_files: nothing to train on")
+  from mixtral_jax.data import tasks as tasks_lib  # numpy only
+  for task in config.data.tasks:
+    if task not in tasks_lib.TASKS:
+      _fail("data.tasks", f"unknown task {task!r}; expected some of {tuple(tasks_lib.TASKS)}")
+  if len(config.data.tasks) and t.seq_len < tasks_lib.MIN_SEQ_LEN:
+    _fail("train.seq_len", f"{t.seq_len} is shorter than the tasks' minimum length "
+          f"{tasks_lib.MIN_SEQ_LEN}")
+  validate_eval(config.eval)
+
+
+def validate_eval(e: ml_collections.ConfigDict):
+  """Checks config.eval; raises ConfigError naming the field."""
+  from mixtral_jax.data import tasks as tasks_lib
+  for name in ("num_examples", "batch_size"):
+    if not isinstance(e[name], int) or isinstance(e[name], bool) or e[name] <= 0:
+      _fail(f"eval.{name}", f"must be a positive integer, got {e[name]!r}")
+  if isinstance(e.tasks, str) or not len(e.tasks):
+    _fail("eval.tasks", f"must be a non-empty tuple of task names, got {e.tasks!r}")
+  for task in e.tasks:
+    if task not in tasks_lib.TASKS:
+      _fail("eval.tasks", f"unknown task {task!r}; expected some of {tuple(tasks_lib.TASKS)}")
+  if isinstance(e.lengths, (int, str)) or not len(e.lengths):
+    _fail("eval.lengths", f"must be a non-empty tuple of lengths, got {e.lengths!r}")
+  for length in e.lengths:
+    if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+      _fail("eval.lengths", f"must be positive integers, got {length!r}")
+    if length < tasks_lib.MIN_SEQ_LEN:
+      _fail("eval.lengths", f"{length} is shorter than the tasks' minimum length "
+            f"{tasks_lib.MIN_SEQ_LEN}")

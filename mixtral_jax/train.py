@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -19,6 +20,10 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, TensorBoard events, metrics.jsonl. An existing "
     "run there is resumed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (--noprogress hides it).")
+_ALLOW = flags.DEFINE_list(
+    "allow_config_change", [], "Model fields that may differ from the workdir's recorded "
+    "config.json on resume (e.g. attention_impl,dtype); only fields that leave the parameters' "
+    "shapes unchanged.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,8 +33,18 @@ def main(argv):
   # Our own INFO lines (resume, fallbacks), not orbax's per-save chatter.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("mixtral_jax").setLevel(logging.INFO)
-  from mixtral_jax.trainer import trainer  # after flag parsing: --help stays fast
-  metrics = trainer.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+  from mixtral_jax import config as config_lib  # after flag parsing: --help stays fast
+  from mixtral_jax.trainer import trainer, workdir
+  config = config_lib.resolve_cli_none(_CONFIG.value)
+  try:
+    metrics = trainer.train(config, _WORKDIR.value, progress=_PROGRESS.value,
+                            allow_config_change=_ALLOW.value)
+  except trainer.TrainingInterrupted as e:
+    print(f"train: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)  # the shell's "terminated by signal": `train && evaluate` stops here
+  except (config_lib.ConfigError, workdir.WorkdirError, trainer.NonFiniteError) as e:
+    print(f"train: error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(json.dumps(metrics, indent=1, sort_keys=True))
 
 

@@ -336,3 +336,166 @@ def test_cli_help_lists_flags():
                        text=True, timeout=120)
   for flag in ("--config", "--workdir", "--[no]progress"):
     assert flag in out.stdout, (out.stdout, out.stderr)
+
+
+# --- Runs a researcher can trust: divergence, recorded config, signals, one run per workdir. ---
+
+def _copy_run(src, dst):
+  import shutil
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+  return str(dst)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, full_run, compile_cache):
+  c, full_dir, _ = full_run
+  workdir = _copy_run(full_dir, tmp_path / "run")
+  # Resume the good run at an absurd learning rate, saving every step (so max_to_keep would
+  # rotate every good checkpoint out if non-finite ones were saved).
+  bad = tiny_config(steps=E2E_STEPS + 10, log_every=4, checkpoint_every=1, warmup_steps=0,
+                    learning_rate=1e30, max_to_keep=3)
+  with pytest.raises(trainer.NonFiniteError, match=r"(loss|grad_norm) is nan at step (\d+)") as e:
+    trainer.train(bad, workdir, progress=False)
+  import re
+  bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  assert E2E_STEPS < bad_step <= E2E_STEPS + 10
+  saved = _step_dirs(os.path.join(workdir, "checkpoints"))
+  assert saved and max(saved) < bad_step, (saved, bad_step)
+  assert f"last good checkpoint is step {max(saved)}" in str(e.value)
+  # Every checkpoint left is finite, and metrics.jsonl records the bad step's value as "NaN".
+  model, step = trainer.restore_model(bad, workdir)
+  assert step == max(saved)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = json.loads(f.readlines()[-1])
+  assert last["step"] == bad_step and "NaN" in (last.get("loss"), last.get("grad_norm")), last
+
+
+def test_metrics_json_records_non_finite_values(tmp_path):
+  from mixtral_jax.trainer import metrics as metrics_lib
+  logger = metrics_lib.MetricsLogger(str(tmp_path), total_steps=10, start_step=0, log_every=5,
+                                     task_names=["mqar"], tokens_per_step=1, flops_per_token=1.0,
+                                     peak_flops=0.0, progress=False)
+  assert logger.record(1, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0)}) is None
+  assert logger.record(2, {"loss": np.float32(np.inf), "grad_norm": np.float32(np.nan)}) == "loss"
+  logger.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    lines = [json.loads(l) for l in f]  # strict JSON: no bare NaN/Infinity
+  assert len(lines) == 1, lines  # the bad step is written at once, between log steps
+  assert (lines[0]["step"], lines[0]["loss"], lines[0]["grad_norm"]) == (2, "Infinity", "NaN")
+  assert metrics_lib.first_nonfinite({"lr": 1.0, "grad_norm": np.nan, "loss": 1.0}) == "grad_norm"
+
+
+def test_config_json_recorded_and_changed_model_refused(tmp_path, full_run):
+  c, full_dir, _ = full_run
+  with open(os.path.join(full_dir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["code_version"] and recorded["config"]["model"]["d_model"] == c.model.d_model
+  workdir = _copy_run(full_dir, tmp_path / "run")
+  wider = tiny_config(steps=E2E_STEPS + 2)
+  wider.model.update(d_model=48, window=32)
+  def never(*a, **k):
+    raise AssertionError("built a model or data pipeline before checking the recorded config")
+  with pytest.raises(trainer.workdir_lib.ConfigMismatchError) as e:
+    trainer.train(wider, workdir, model_fn=never, data_fn=never, progress=False)
+  msg = str(e.value)
+  assert "model.d_model: 32 in the run, 48 now" in msg and "model.window" in msg, msg
+  assert len(msg.splitlines()) < 10
+  # An allowed field must leave the parameters' shapes unchanged: d_model does not.
+  with pytest.raises(trainer.workdir_lib.ConfigMismatchError, match="shapes"):
+    trainer.train(wider, workdir, data_fn=never, progress=False,
+                  allow_config_change="d_model,window")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == recorded  # a refused run rewrites nothing
+
+
+def test_one_run_per_workdir_lock(tmp_path, caplog):
+  from mixtral_jax.trainer import workdir as workdir_lib
+  import socket
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    with open(os.path.join(workdir, "lock"), "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": sleeper.pid}, f)
+    def never(*a, **k):
+      raise AssertionError("built a model while another run holds the workdir")
+    with pytest.raises(workdir_lib.WorkdirLockedError,
+                       match=rf"in use by pid {sleeper.pid} on this host"):
+      trainer.train(tiny_config(), workdir, model_fn=never, data_fn=never, progress=False)
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  # The holder is gone: its lock is stale and taken over, then released at the end.
+  with caplog.at_level(logging.WARNING):
+    with workdir_lib.lock(workdir):
+      with open(os.path.join(workdir, "lock")) as f:
+        assert json.load(f)["pid"] == os.getpid()
+      with pytest.raises(workdir_lib.WorkdirLockedError, match=str(os.getpid())):
+        with workdir_lib.lock(workdir):
+          pass
+  assert any("no longer running" in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(os.path.join(workdir, "lock"))
+  with open(os.path.join(workdir, "lock"), "w") as f:
+    json.dump({"host": "some-other-host", "pid": 1}, f)
+  with pytest.raises(workdir_lib.WorkdirLockedError, match="pid 1 on host some-other-host"):
+    with workdir_lib.lock(workdir):
+      pass
+
+
+def test_second_signal_acts_at_once():
+  got = []
+  previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+  try:
+    with trainer.StopOnSignal() as stop:
+      signal.raise_signal(signal.SIGTERM)
+      assert stop.requested == signal.SIGTERM and got == []  # first: only a request
+      signal.raise_signal(signal.SIGTERM)
+      assert got == [signal.SIGTERM]  # second: the handler from before, at once
+    signal.raise_signal(signal.SIGTERM)
+    assert got == [signal.SIGTERM] * 2  # restored on exit
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+_PICKLED_CONFIG = """
+import pickle
+def get_config(path):
+  with open(path, "rb") as f:
+    return pickle.load(f)
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, compile_cache):
+  c = tiny_config(steps=5000, log_every=1, checkpoint_every=1000, warmup_steps=4)
+  with open(tmp_path / "config.pkl", "wb") as f:
+    pickle.dump(c, f)
+  (tmp_path / "cfg.py").write_text(_PICKLED_CONFIG)
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "mixtral_jax.train", f"--config={tmp_path / 'cfg.py'}:"
+       f"{tmp_path / 'config.pkl'}", f"--workdir={workdir}", "--noprogress"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    import time
+    deadline = time.time() + 240
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.2)
+    # A second run on the same workdir is refused, naming the running one.
+    with pytest.raises(trainer.workdir_lib.WorkdirLockedError, match=f"pid {proc.pid}"):
+      trainer.train(c, workdir, progress=False)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "SIGTERM: stopped after step" in err and "rerun the same command" in err, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  saved = _step_dirs(os.path.join(workdir, "checkpoints"))
+  logged = read_losses(workdir)
+  assert saved == [max(logged)] and 3 <= saved[0] < 1000, (saved, sorted(logged))
+  assert not os.path.exists(os.path.join(workdir, "lock"))

@@ -31,12 +31,39 @@ class CheckpointFormatError(ValueError):
 
 
 def _read_header(path: str) -> tuple[dict, int]:
+  """(header, data start), checking every tensor's byte range against the file's size, so a
+  truncated or foreign file fails here with the file (and tensor) named, not on first read."""
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
       raise CheckpointFormatError(f"{path}: not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", raw)
-    header = json.loads(f.read(n))
+    if n > size - 8:
+      raise CheckpointFormatError(f"{path}: not a safetensors file or truncated (header of {n} "
+                                  f"bytes in a file of {size})")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointFormatError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+  if not isinstance(header, dict):
+    raise CheckpointFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+  data_bytes = size - 8 - n
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      begin, end = (int(x) for x in info["data_offsets"])
+      shape = tuple(int(d) for d in info["shape"])
+      dtype = info["dtype"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointFormatError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from e
+    if not 0 <= begin <= end:
+      raise CheckpointFormatError(f"{path}: tensor {name!r}: bad data_offsets {[begin, end]}")
+    if end > data_bytes:
+      raise CheckpointFormatError(
+          f"{path}: tensor {name!r} (shape {shape}, {dtype}) needs bytes [{begin}, {end}) of the "
+          f"data but the file holds {data_bytes}: truncated?")
   return header, 8 + n
 
 
@@ -71,7 +98,8 @@ class SafetensorsReader:
         if name == "__metadata__":
           continue
         if name in self._entries:
-          raise CheckpointFormatError(f"tensor {name!r} appears in two files")
+          raise CheckpointFormatError(
+              f"tensor {name!r} appears in two files: {self._entries[name][0]} and {file}")
         self._entries[name] = (file, info, start)
 
   def names(self) -> list[str]:
@@ -88,7 +116,7 @@ class SafetensorsReader:
       raise CheckpointFormatError(f"tensor {name!r} is not in the checkpoint")
     file, info, start = self._entries[name]
     if info["dtype"] not in DTYPES:
-      raise CheckpointFormatError(f"tensor {name!r}: unsupported dtype {info['dtype']}")
+      raise CheckpointFormatError(f"{file}: tensor {name!r}: unsupported dtype {info['dtype']}")
     if file not in self._maps:
       with open(file, "rb") as f:
         self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -97,7 +125,8 @@ class SafetensorsReader:
     shape = tuple(info["shape"])
     count = int(np.prod(shape, dtype=np.int64))
     if end - begin != count * dtype.itemsize:
-      raise CheckpointFormatError(f"tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}")
+      raise CheckpointFormatError(
+          f"{file}: tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}")
     return np.frombuffer(self._maps[file], dtype=dtype, count=count, offset=start + begin).reshape(shape)
 
   def close(self):

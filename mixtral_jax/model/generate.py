@@ -6,6 +6,7 @@ cache donated; `generate` loops them with greedy, temperature or top-p (nucleus)
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +40,18 @@ def decode_step(model, tokens_B1, position: int | jax.Array, cache):
   return logits[:, -1], cache
 
 
+def _check_sampling(temperature, top_p):
+  # `not (x >= 0)` also rejects NaN, which passes every ordered comparison's negation.
+  if not (0.0 < top_p <= 1.0):
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if not (temperature >= 0.0) or not math.isfinite(temperature):
+    raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+
 def sample(logits_BV, rng, *, temperature: float = 0.0, top_p: float = 1.0):
   """Greedy when temperature == 0; otherwise temperature sampling restricted to the smallest
   set of tokens whose probability mass reaches top_p."""
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if temperature < 0.0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  _check_sampling(temperature, top_p)
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits = logits_BV / temperature
@@ -62,9 +68,29 @@ def sample(logits_BV, rng, *, temperature: float = 0.0, top_p: float = 1.0):
 
 def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: float = 0.0,
              top_p: float = 1.0, max_len: int | None = None):
-  """Returns int32 [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
+  """Returns int32 [B, T + max_new_tokens]: the prompt followed by the generated tokens.
+
+  prompt_BT: int token ids in [0, vocab_size), T >= 1. max_len: cache positions (default
+  T + max_new_tokens). Raises ValueError naming a bad argument.
+  """
+  if prompt_BT.ndim != 2 or prompt_BT.shape[1] < 1:
+    raise ValueError(f"prompt_BT: expected [batch, length >= 1] token ids, got shape "
+                     f"{prompt_BT.shape}")
+  if not jnp.issubdtype(prompt_BT.dtype, jnp.integer):
+    raise ValueError(f"prompt_BT: expected integer token ids, got {prompt_BT.dtype}")
+  vocab = model.cfg.vocab_size
+  lo, hi = int(jnp.min(prompt_BT)), int(jnp.max(prompt_BT))
+  if lo < 0 or hi >= vocab:
+    raise ValueError(f"prompt_BT: token ids must be in [0, vocab_size={vocab}), got "
+                     f"{lo if lo < 0 else hi}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+  _check_sampling(temperature, top_p)
   B, T = prompt_BT.shape
-  max_len = max_len or T + max_new_tokens
+  if max_len is None:
+    max_len = T + max_new_tokens
+  if not isinstance(max_len, int) or max_len <= 0:
+    raise ValueError(f"max_len must be a positive int, got {max_len!r}")
   if max_len < T + max_new_tokens - 1:
     # A cache write past max_len would be clamped onto the last slot: wrong outputs, no error.
     raise ValueError(f"max_len={max_len} cannot hold the prompt ({T}) plus {max_new_tokens} "

@@ -3,6 +3,9 @@
 Written to TensorBoard event files (tensorboardX) and `metrics.jsonl` in the workdir, and shown in a
 tqdm progress bar. `MetricsLogger.record(step, metrics)` is called with step N-1's device metrics
 right after step N is dispatched, so reading them back overlaps step N's computation (nanodo-style).
+
+Non-finite values are kept: in metrics.jsonl as the strings "NaN", "Infinity" and "-Infinity"
+(JSON has no such numbers; Python's float() reads the strings back).
 """
 from __future__ import annotations
 
@@ -44,6 +47,27 @@ def peak_flops_per_second() -> float:
     if kind.startswith(prefix):
       return PEAK_FLOPS[prefix] * jax.device_count()
   return 0.0
+
+
+# Checked every step: the first of these (then any other scalar) that is not finite stops training.
+WATCHED = ("loss", "grad_norm")
+
+
+def first_nonfinite(metrics: dict) -> str | None:
+  """Name of the first non-finite scalar of one step's host metrics (loss, grad_norm first)."""
+  names = [k for k in WATCHED if k in metrics] + sorted(
+      k for k in metrics if k not in WATCHED and np.ndim(metrics[k]) == 0)
+  for k in names:
+    if not np.isfinite(np.asarray(metrics[k], np.float64)):
+      return k
+  return None
+
+
+def json_value(v: float):
+  """A float as JSON: finite values as numbers, NaN/inf as "NaN"/"Infinity"/"-Infinity"."""
+  if math.isfinite(v):
+    return v
+  return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
 
 
 class MetricsLogger:
@@ -88,8 +112,12 @@ class MetricsLogger:
     self._last: dict = {}
     self._n = 0
 
-  def record(self, step: int, metrics):
-    """Adds the metrics of the step that brought the state to `step` (blocks until it is done)."""
+  def record(self, step: int, metrics) -> str | None:
+    """Adds the metrics of the step that brought the state to `step` (blocks until it is done).
+
+    Returns the name of the first non-finite scalar of this step (that step's line is then written
+    at once, with the bad value), else None.
+    """
     m = jax.device_get(metrics)
     now = time.perf_counter()
     if self._t0 is None:
@@ -103,8 +131,15 @@ class MetricsLogger:
     self._last = m
     if self._bar is not None:
       self._bar.update(1)
-    if step % self.log_every == 0 or step == self.total_steps:
+    bad = first_nonfinite(m)
+    if bad is not None or step % self.log_every == 0 or step == self.total_steps:
       self._write(step, now)
+    return bad
+
+  def flush(self, step: int):
+    """Writes the steps recorded since the last line (a run stopping between log steps)."""
+    if self._n:
+      self._write(step, time.perf_counter())
 
   def _write(self, step, now):
     s, n = self._sums, max(self._n, 1)
@@ -135,7 +170,6 @@ class MetricsLogger:
       if self.peak_flops > 0:
         out["mfu"] = tps * self.flops_per_token / self.peak_flops
     self._t0, self._timed_steps = now, 0
-    out = {k: v for k, v in out.items() if math.isfinite(v)}
     self.last = {"step": step, **out}
     self._reset()
     if not self.enabled:
@@ -143,7 +177,7 @@ class MetricsLogger:
     for k, v in out.items():
       self._writer.add_scalar(k, v, step)
     self._writer.flush()
-    self._jsonl.write(json.dumps(self.last) + "\n")
+    self._jsonl.write(json.dumps({k: json_value(v) for k, v in self.last.items()}) + "\n")
     self._jsonl.flush()
     if self._bar is not None:
       self._bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}",

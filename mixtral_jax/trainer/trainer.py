@@ -4,16 +4,29 @@
 
 A run whose workdir already holds checkpoints resumes from the latest readable one (model, optimizer,
 router biases and data position), so the loss trajectory continues as if never interrupted.
+
+What a run can trust:
+- one run per workdir (<workdir>/lock, see trainer/workdir.py) and its config in
+  <workdir>/config.json; resuming with a different model config is refused, naming the fields;
+- a non-finite loss or gradient norm stops training at that step (NonFiniteError) and nothing
+  non-finite is ever saved: the last good checkpoint stays;
+- SIGTERM / SIGINT finish the current step, save a checkpoint and raise TrainingInterrupted
+  (a second signal acts at once, as if no handler were installed).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -23,6 +36,7 @@ from mixtral_jax import sharding
 from mixtral_jax.trainer import checkpoint as ckpt_lib
 from mixtral_jax.trainer import metrics as metrics_lib
 from mixtral_jax.trainer import optim
+from mixtral_jax.trainer import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +118,11 @@ def restore_model(config, workdir: str, mesh=None):
   """The model of the latest restorable checkpoint in <workdir>/checkpoints, on `mesh` (default:
   the config's). Reads only: a checkpoint that fails is skipped, never moved. Returns (model, step);
   raises FileNotFoundError when the workdir has no checkpoint."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+    # Checked before building anything, and nothing is created in the workdir.
+    raise FileNotFoundError(f"workdir: no checkpoint under {ckpt_dir}; train first "
+                            "(python -m mixtral_jax.train ...)")
   mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
   graphdef, state, _, _ = create_train_state(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -197,19 +216,119 @@ def _pure(state):
   return nnx.to_pure_dict(state)
 
 
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient norm or parameter; nothing of it was saved."""
+
+
+class TrainingInterrupted(RuntimeError):
+  """SIGTERM / SIGINT stopped training after a checkpoint was saved; rerun to resume."""
+
+  def __init__(self, message: str, signum: int, step: int):
+    super().__init__(message)
+    self.signum, self.step = signum, step
+
+
+class StopOnSignal:
+  """While active, the first SIGTERM/SIGINT only sets `requested`; a second one gets the handler
+  that was installed before (default: terminate; SIGINT: KeyboardInterrupt), at once.
+
+  Installs nothing outside the main thread (signal handlers live there).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.signals = tuple(signals)
+    self.requested: int | None = None
+    self._previous: dict = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is None:
+      self.requested = signum
+      log.warning("%s: finishing this step, saving a checkpoint, then stopping (send it again to "
+                  "stop at once, without saving)", signal.Signals(signum).name)
+      return
+    self._restore()
+    signal.raise_signal(signum)
+
+  def _restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    self._previous = {}
+
+  def __exit__(self, *exc):
+    self._restore()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _param_shapes(config, model_fn):
+  """The parameters' shapes (tree of ShapeDtypeStruct) of config.model, without allocating them."""
+  with jax.set_mesh(sharding.make_mesh(config.mesh)):
+    abstract = nnx.eval_shape(lambda: model_fn(config.model, rngs=nnx.Rngs(0)))
+  return jax.tree.map(lambda x: (x.shape, str(x.dtype)), nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+
+def check_against_recorded(config, workdir: str, *, allow=(), model_fn: Callable = default_model_fn,
+                           flag: str = "--allow_config_change"):
+  """Refuses a model config that differs from <workdir>/config.json (ConfigMismatchError listing
+  the fields); differences in `allow` pass when the parameters keep their shapes. No-op without a
+  recorded config. Returns the recorded config (or None)."""
+  recorded = workdir_lib.read_config(workdir)
+  allowed = workdir_lib.check_model_unchanged(recorded, config, allow=allow, workdir=workdir,
+                                              flag=flag)
+  if allowed:
+    old = ml_collections.ConfigDict(config.to_dict())
+    old.model = recorded.model
+    if _param_shapes(old, model_fn) != _param_shapes(config, model_fn):
+      raise workdir_lib.ConfigMismatchError(
+          f"workdir {workdir}: {', '.join(allowed)} change the parameters' shapes or structure; "
+          f"{flag} covers only fields that leave them unchanged. Train in a new --workdir.")
+    log.warning("workdir %s: running with changed %s", workdir,
+                ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in allowed.items()))
+  return recorded
+
+
 def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
-          data_fn: Callable = default_data_fn, progress: bool = True) -> dict[str, Any]:
+          data_fn: Callable = default_data_fn, progress: bool = True,
+          allow_config_change=()) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its checkpoints); returns the last logged metrics.
 
   model_fn(model_config, rngs=) builds the model (default: Transformer); data_fn(config, seed=,
   shard_index=, shard_count=) the resumable batch iterator (default: data.pipeline). Both follow the
-  contracts in docs/DESIGN.md.
+  contracts in docs/DESIGN.md. allow_config_change: model fields (e.g. 'attention_impl') that may
+  differ from the workdir's recorded config; they must leave the parameters' shapes unchanged.
+  Raises WorkdirLockedError (another run holds the workdir), ConfigMismatchError, NonFiniteError
+  (divergence: nothing non-finite saved) and TrainingInterrupted (SIGTERM/SIGINT, checkpoint saved).
   """
   maybe_initialize_distributed()
-  config_lib.validate(config, jax.device_count())  # before anything compiles
-  t = config.train
-  os.makedirs(workdir, exist_ok=True)
+  config_lib.validate(config, jax.device_count())  # before anything compiles or is written
   primary = jax.process_index() == 0
+  with workdir_lib.lock(workdir, enabled=primary), StopOnSignal() as stop:
+    recorded = check_against_recorded(config, workdir, allow=allow_config_change,
+                                      model_fn=model_fn)
+    if recorded is not None:
+      changed = {**workdir_lib.config_diff(recorded, config, "train"),
+                 **workdir_lib.config_diff(recorded, config, "data")}
+      if changed:
+        log.info("workdir %s: resuming with %s", workdir,
+                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if primary:
+      workdir_lib.write_config(workdir, config)
+    return _train(config, workdir, model_fn, data_fn, progress, primary, stop)
+
+
+def _train(config, workdir, model_fn, data_fn, progress, primary, stop):
+  t = config.train
   mesh = sharding.make_mesh(config.mesh)
   graphdef, state, shardings, schedule = create_train_state(config, mesh, model_fn)
   names = task_names(config)
@@ -238,6 +357,17 @@ def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
       workdir, total_steps=t.steps, start_step=start, log_every=t.log_every, task_names=names,
       tokens_per_step=t.batch_size * t.seq_len, flops_per_token=flops_per_token,
       peak_flops=metrics_lib.peak_flops_per_second(), enabled=primary, progress=progress)
+
+  def check(step, bad):
+    if bad is not None:
+      value = logger.last.get(bad, float("nan"))
+      good = ckpt.all_steps()
+      raise NonFiniteError(
+          f"training diverged: {bad} is {value} at step {step}; stopped without saving. "
+          + (f"The last good checkpoint is step {good[-1]} in {ckpt.directory}. " if good else
+             "No checkpoint was saved. ")
+          + "Try a lower train.learning_rate, a longer warmup or train.grad_clip.")
+
   pending = None
   try:
     for step in range(start, t.steps):
@@ -245,19 +375,44 @@ def train(config, workdir: str, *, model_fn: Callable = default_model_fn,
       with jax.set_mesh(mesh):
         state, step_metrics = train_step(state, batch)
       if pending is not None:
-        logger.record(*pending)  # step N-1's metrics, read while step N runs
+        check(pending[0], logger.record(*pending))  # step N-1's metrics, read while step N runs
       pending = (step + 1, step_metrics)
-      if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+      stopping = _stop_agreed(stop.requested, step + 1, t.log_every)
+      if stopping or (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+        check(pending[0], logger.record(*pending))  # never save past an unchecked step
+        pending = None
+        if not bool(_all_finite(state)):
+          raise NonFiniteError(f"training diverged: a parameter or optimizer state is non-finite "
+                               f"after step {step + 1}; stopped without saving it.")
         # The iterator has yielded exactly step + 1 batches here: its state matches the model's.
         ckpt.save(step + 1, _pure(state), data_it.get_state())
+      if stopping:
+        logger.flush(step + 1)
+        ckpt.wait()
+        name = signal.Signals(stop.requested or signal.SIGTERM).name
+        raise TrainingInterrupted(
+            f"{name}: stopped after step {step + 1} of {t.steps} and saved a checkpoint in "
+            f"{ckpt.directory}; rerun the same command to resume.", stop.requested or 15, step + 1)
     if pending is not None:
-      logger.record(*pending)
+      check(pending[0], logger.record(*pending))
   finally:
     logger.close()
     ckpt.close()
   if logger.last:
     return dict(logger.last)
   return _last_logged(workdir) or {"step": start}  # nothing left to run: the finished run's metrics
+
+
+def _stop_agreed(requested, step: int, every: int) -> bool:
+  """Whether every process stops after `step`: the signal flag, agreed over processes every
+  `every` steps in a multi-process job (they must all save the same step)."""
+  if jax.process_count() == 1:
+    return requested is not None
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.int32(requested is not None))
+  return bool(np.any(flags))
 
 
 def _last_logged(workdir) -> dict | None:

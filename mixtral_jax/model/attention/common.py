@@ -167,8 +167,8 @@ def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implement
   if reason is not None:
     if (implementation, reason) not in _FALLBACK_LOGGED:
       _FALLBACK_LOGGED.add((implementation, reason))
-      logging.info("attention_impl=%s: %s needs token-level masks; using the XLA path",
-                   implementation, reason)
+      logging.warning("attention_impl=%s: %s needs token-level masks; using the XLA path",
+                      implementation, reason)
     return None
   if (implementation or kernels.default_implementation()) == "xla":
     return None
