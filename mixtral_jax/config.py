@@ -72,7 +72,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_expert_dim=64,
       dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
-      grouped_matmul=None,       # dropless matmul: ragged_dot | blocked | None (blocked on CPU)
+      grouped_matmul=None,       # dropless matmul: xla|blocked|ragged_dot|pallas_tpu|pallas_triton|None (backend's best)
       capacity_factor=1.25,
       aux_loss_weight=0.0,       # sequence-wise balance loss
       z_loss_weight=0.0,         # router z-loss
