@@ -29,8 +29,8 @@ _warned = set()
 class BlockSizes:
   """Tiles. gmm (forward and input gradient): block_m rows x block_n output columns, reducing over
   block_k. tgmm (weight gradient): tgmm_block_d x tgmm_block_f output tiles, reducing over
-  tgmm_block_m rows. num_warps/num_stages: Triton only. The XLA path uses block_m as its
-  padding block."""
+  tgmm_block_m rows. num_warps/num_stages (gmm) and tgmm_num_warps/tgmm_num_stages: Triton only.
+  The XLA path uses block_m as its padding block."""
   block_m: int = 128
   block_k: int = 64
   block_n: int = 128
@@ -39,20 +39,36 @@ class BlockSizes:
   tgmm_block_f: int = 128
   num_warps: int | None = 8
   num_stages: int | None = 3
+  tgmm_num_warps: int | None = 8
+  tgmm_num_stages: int | None = 3
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       val = getattr(self, f.name)
-      if f.name in ("num_warps", "num_stages") and val is None:
+      if "num_" in f.name and val is None:
         continue
       if not isinstance(val, int) or val <= 0:
         raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {val!r}")
 
 
+# Triton tiles measured on one H200 (benchmarks/moe.py, 2026-12-01): with few rows per group
+# (M2's 256 experts at 16K rows: 64 per group) 64-row tiles waste less of each tile; with many,
+# 128 x 256 tiles reuse operands more. The weight gradient's best tiles did not depend on it.
+TRITON_SMALL_GROUPS = BlockSizes(block_m=64, block_k=64, block_n=128, num_warps=4, num_stages=4,
+                                 tgmm_block_m=64, tgmm_block_d=128, tgmm_block_f=128)
+TRITON_LARGE_GROUPS = BlockSizes(block_m=128, block_k=64, block_n=256, num_warps=8, num_stages=3,
+                                 tgmm_block_m=64, tgmm_block_d=128, tgmm_block_f=128)
+
+
+def triton_block_sizes(m: int, num_groups: int) -> BlockSizes:
+  """The Triton tiles for M rows over num_groups groups (mean group size below 128: small)."""
+  return TRITON_SMALL_GROUPS if m < 128 * num_groups else TRITON_LARGE_GROUPS
+
+
 DEFAULT_BLOCK_SIZES = {
     "xla": BlockSizes(),
     "ragged_dot": BlockSizes(),
-    "pallas_triton": BlockSizes(),
+    "pallas_triton": TRITON_LARGE_GROUPS,
     # Mosaic: lane-dense 128-multiples; bigger tiles amortize the ~0.35 us per grid step.
     "pallas_tpu": BlockSizes(block_m=256, block_k=512, block_n=512, tgmm_block_m=256,
                              tgmm_block_d=512, tgmm_block_f=512),
@@ -187,7 +203,8 @@ def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, implementation=None, block_siz
   _validate(x_MD, w_EDF, group_sizes_E, chosen)
   m, d = x_MD.shape
   f = w_EDF.shape[2]
-  bs = block_sizes or DEFAULT_BLOCK_SIZES[chosen]
+  bs = block_sizes or (triton_block_sizes(m, w_EDF.shape[0]) if chosen == "pallas_triton"
+                       else DEFAULT_BLOCK_SIZES[chosen])
   if not isinstance(bs, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {type(bs).__name__}")
   if m == 0:

@@ -31,8 +31,8 @@ _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 
 
-def _params(bs):
-  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+def _params(num_warps, num_stages):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _gmm_kernel(starts_ref, ends_ref, group_ref, tile_ref, nv_ref, x_ref, w_ref, o_ref, *, m,
@@ -83,7 +83,7 @@ def gmm(x_MD, w_EDF, group_sizes_E, *, block_sizes, transpose_rhs=False, interpr
   out = pl.pallas_call(
       kernel, grid=(f // bn, meta.visit_group_V.shape[0]),
       out_shape=jax.ShapeDtypeStruct((mp, f), x_MD.dtype),
-      compiler_params=_params(block_sizes), interpret=interpret,
+      compiler_params=_params(block_sizes.num_warps, block_sizes.num_stages), interpret=interpret,
       name="gmm_nt" if transpose_rhs else "gmm")(*meta, x_MD, w_EDF)
   return out[:m] if mp != m else out
 
@@ -118,5 +118,6 @@ def tgmm(x_MD, dy_MF, group_sizes_E, *, block_sizes, interpret=False):
     x_MD, dy_MF = (jnp.pad(a, ((0, bm), (0, 0))) for a in (x_MD, dy_MF))
   return pl.pallas_call(
       kernel, grid=(d // bd, f // bf, e), out_shape=jax.ShapeDtypeStruct((e, d, f), x_MD.dtype),
-      compiler_params=_params(block_sizes), interpret=interpret, name="tgmm")(
+      compiler_params=_params(block_sizes.tgmm_num_warps, block_sizes.tgmm_num_stages),
+      interpret=interpret, name="tgmm")(
           starts, ends, x_MD, dy_MF)
