@@ -192,7 +192,7 @@ def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, implementation=None, block_siz
     implementation: 'xla' (blocked batched matmul; the CPU path), 'ragged_dot' (jax.lax.ragged_dot;
       XLA:TPU's native grouped matmul, XLA:GPU expands it E-fold), 'pallas_tpu', 'pallas_triton',
       or None for the backend's best (default_implementation). A kernel that cannot tile the
-      shapes (or Triton on a non-GPU backend without interpret) falls back to 'xla' with a WARNING
+      shapes (or Triton on a non-GPU default backend without interpret) falls back to 'xla' with a WARNING
       logged once.
     block_sizes: BlockSizes (default per implementation); tiles are clipped to the shapes.
     interpret: run Pallas kernels in interpret mode (CPU).
@@ -212,8 +212,7 @@ def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, implementation=None, block_siz
   try:
     if chosen == "pallas_triton" and not interpret and jax.default_backend() != "gpu":
       raise ValueError(f"needs a GPU (backend {jax.default_backend()}) or interpret=True")
-    if chosen == "pallas_tpu" and not interpret and jax.default_backend() != "tpu":
-      raise ValueError(f"needs a TPU (backend {jax.default_backend()}) or interpret=True")
+    # (No such check for pallas_tpu: it is compiled ahead of time for TPU topologies from a CPU host.)
     bs = _fit_blocks(bs, chosen, m, d, f)
   except ValueError as err:
     _warn_once(chosen, str(err))

@@ -66,8 +66,13 @@ def gmm_ragged_dot(x_MD, w_EDF, group_sizes_E, *, transpose_rhs=False):
   """jax.lax.ragged_dot (XLA's native grouped matmul; on GPU XLA expands it E-fold)."""
   if transpose_rhs:
     w_EDF = jnp.swapaxes(w_EDF, 1, 2)
-  return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E.astype(jnp.int32),
-                            preferred_element_type=jnp.float32).astype(x_MD.dtype)
+  # Precision pinned from the dtype: a global 'highest' default on bf16 makes XLA:TPU's own Mosaic
+  # ragged-dot kernels fail to compile ("Bad lhs type").
+  return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E.astype(jnp.int32), precision=_precision(x_MD))
+
+
+def _precision(x):
+  return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def tgmm_ragged_dot(x_MD, dy_MF, group_sizes_E):
