@@ -242,16 +242,15 @@ def main():
             f"{datetime.date.today().isoformat()}")
   log(header)
   log(f"correctness: worst rel err {check_correctness(log):.2e}")
-  base = BS()
-  tiles = [base] + [BS(block_m=bm, block_k=bk, block_n=bn, num_warps=nw, num_stages=ns)
-                    for bm, bk, bn, nw, ns in ((64, 64, 128, 4, 4), (128, 64, 256, 8, 3),
-                                               (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
-                                               (64, 64, 256, 4, 3))]
-  tgmm_tiles = [base] + [BS(tgmm_block_m=bm, tgmm_block_d=bd, tgmm_block_f=bf, num_warps=nw,
-                            num_stages=ns)
-                         for bm, bd, bf, nw, ns in ((32, 128, 128, 8, 3), (64, 128, 256, 8, 3),
-                                                    (64, 64, 128, 4, 4), (128, 128, 128, 8, 3),
-                                                    (32, 128, 256, 8, 4))]
+  tiles = [BS(block_m=bm, block_k=bk, block_n=bn, num_warps=nw, num_stages=ns)
+           for bm, bk, bn, nw, ns in ((128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 256, 8, 3),
+                                      (128, 64, 256, 8, 4), (256, 64, 128, 8, 3), (64, 64, 256, 4, 3),
+                                      (128, 32, 256, 8, 5))]
+  tgmm_tiles = [BS(tgmm_block_m=bm, tgmm_block_d=bd, tgmm_block_f=bf, tgmm_num_warps=nw,
+                   tgmm_num_stages=ns)
+                for bm, bd, bf, nw, ns in ((64, 128, 128, 8, 3), (32, 128, 256, 8, 4), (64, 128, 128, 8, 4),
+                                           (64, 256, 128, 8, 3), (32, 256, 128, 8, 3),
+                                           (64, 128, 256, 8, 3))]
   shapes = [("M2 16K", 16384, 256, 3072, 1536), ("M2 64K", 65536, 256, 3072, 1536),
             ("Mixtral", 16384, 8, 4096, 14336)]
   moe_shapes = [("M2", 2048, 256, 8, 3072, 1536), ("Mixtral", 8192, 8, 2, 4096, 14336)]

@@ -143,6 +143,9 @@ class MoE(nnx.Module):
     self.grouped_matmul = m.get("grouped_matmul")
     self.capacity_factor = m.capacity_factor
     self.aux_loss_weight = m.aux_loss_weight
+    self.balance_loss = m.get("balance_loss", "sequence")
+    if self.balance_loss not in ("sequence", "switch"):
+      raise ValueError(f"moe.balance_loss: unknown {self.balance_loss!r}; expected 'sequence' or 'switch'")
     self.z_loss_weight = m.z_loss_weight
     self.dtype = dtype_of(cfg.dtype)
     param_dtype = dtype_of(cfg.param_dtype)
@@ -184,7 +187,9 @@ class MoE(nnx.Module):
       y_BTD = y_BTD + self.shared_experts(x_BTD.astype(self.dtype))
 
     losses = {}
-    if self.aux_loss_weight > 0:
+    if self.aux_loss_weight > 0 and self.balance_loss == "switch":
+      losses["moe_balance"] = self.aux_loss_weight * router_lib.switch_balance_loss(idx_NK, scores_NE)
+    elif self.aux_loss_weight > 0:
       losses["moe_balance"] = self.aux_loss_weight * router_lib.sequence_balance_loss(
           idx_NK.reshape(b, t, -1), scores_NE.reshape(b, t, -1))
     if self.z_loss_weight > 0:
