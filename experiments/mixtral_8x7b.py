@@ -20,7 +20,10 @@ def get_config(arg=None):
   m.rope_theta = 1e6
   m.norm_eps = 1e-5
   m.attention_pattern = ("full",)
-  m.moe.update(num_experts=8, top_k=2, expert_dim=14336, router="softmax", normalize_topk=True)
+  # Mixtral's load-balancing loss (Switch form, HF router_aux_loss_coef 0.02): without it the softmax
+  # router collapses (issue 9: one expert took 48% of assignments after 30 steps).
+  m.moe.update(num_experts=8, top_k=2, expert_dim=14336, router="softmax", normalize_topk=True,
+               aux_loss_weight=0.02, balance_loss="switch")
   m.dtype = "bfloat16"
   m.remat = True
   c.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)

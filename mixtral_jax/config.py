@@ -13,6 +13,7 @@ from ml_collections import config_dict
 ATTENTION_TYPES = ("full", "swa", "lightning", "msa", "moba")
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity")
+BALANCE_LOSSES = ("sequence", "switch")
 QK_NORMS = ("none", "full", "per_head")
 ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", None)
 MSA_SELECTIONS = ("max_heads", "per_group")
@@ -83,9 +84,10 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_expert_dim=64,
       dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
-      grouped_matmul=_str_or_none(None),  # dropless matmul: ragged_dot | blocked | None (blocked on CPU)
+      grouped_matmul=_str_or_none(None),  # dropless matmul: xla|blocked|ragged_dot|pallas_tpu|pallas_triton|None (backend's best)
       capacity_factor=1.25,
-      aux_loss_weight=0.0,       # sequence-wise balance loss
+      aux_loss_weight=0.0,       # weight of the balance loss below
+      balance_loss="sequence",   # sequence (DeepSeek-V3, per sequence) | switch (Switch/Mixtral, per batch)
       z_loss_weight=0.0,         # router z-loss
   ))
   m.dtype = "float32"          # compute dtype (bfloat16 with float32 master weights)
@@ -250,6 +252,8 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.moe.expert_dim", f"must be positive, got {e.expert_dim}")
     if e.dispatch not in DISPATCHES:
       _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
+    if e.get("balance_loss", "sequence") not in BALANCE_LOSSES:
+      _fail(f"{prefix}.moe.balance_loss", f"unknown {e.balance_loss!r}; expected one of {BALANCE_LOSSES}")
     if e.dispatch == "capacity" and e.capacity_factor <= 0:
       _fail(f"{prefix}.moe.capacity_factor", f"must be positive, got {e.capacity_factor}")
   if m.mlp_activation not in ("swiglu", "swiglu_clamped"):

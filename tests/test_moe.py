@@ -395,3 +395,28 @@ def test_blocked_grouped_matmul_equals_ragged_dot(sizes, block):
                             argnums=(0, 1))(x, w)
   for a, b in zip(f("blocked"), f("ragged_dot")):
     np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_switch_balance_loss_matches_hf_mixtral():
+  # HF transformers' Mixtral load_balancing_loss_func for one layer, no attention mask.
+  from transformers.models.mixtral import modeling_mixtral
+  logits = rand((12, 4), seed=50)
+  hf = modeling_mixtral.load_balancing_loss_func((torch.tensor(logits),), num_experts=4, top_k=2)
+  idx, _, scores = router_lib.route(jnp.asarray(logits), kind="softmax", top_k=2)
+  np.testing.assert_allclose(router_lib.switch_balance_loss(idx, scores), float(hf), **TOL)
+  # uniform routing gives top_k
+  idx_u = jnp.asarray([[0, 1], [2, 3]])
+  np.testing.assert_allclose(router_lib.switch_balance_loss(idx_u, jnp.full((2, 4), 0.25)), 2.0, **TOL)
+
+
+def test_mixtral_experiment_carries_the_switch_balance_loss():
+  from mixtral_jax.experiments import mixtral_8x7b
+  m = mixtral_8x7b.get_config().model.moe
+  assert (m.balance_loss, m.aux_loss_weight) == ("switch", 0.02)
+  cfg = tiny_cfg(aux_loss_weight=0.02, balance_loss="switch")
+  moe = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rand((2, 5, 16), seed=51))
+  _, aux = moe(x)
+  idx, _, _, scores = moe.gate(x.reshape(10, 16))
+  np.testing.assert_allclose(aux["losses"]["moe_balance"],
+                             0.02 * router_lib.switch_balance_loss(idx, scores), **TOL)

@@ -1,12 +1,11 @@
 """Mixture-of-experts block: router, SwiGLU experts with stacked weights, optional shared experts.
 
 Dispatch (`cfg.moe.dispatch`):
-  dropless  sort the N*K token-expert assignments by expert, grouped matmuls with
-            `jax.lax.ragged_dot(group_sizes)`, unsort and weight-combine. No token is dropped.
-            On CPU, XLA lowers ragged_dot to one masked dense matmul per expert (E times the work;
-            measured 13x slower than a dense matmul at E=8), so there the grouped matmul runs
-            "blocked": each expert's rows padded to whole row blocks, one batched matmul over the
-            blocks with each block's expert weights gathered (MegaBlocks-style). Same result.
+  dropless  sort the N*K token-expert assignments by expert, grouped matmuls
+            (`kernels.grouped_matmul`, chosen by `cfg.moe.grouped_matmul`; None = the backend's
+            best: Pallas TPU / Pallas Triton kernels, on CPU the blocked XLA path), unsort and
+            weight-combine. No token is dropped. The row permutations are gathers both ways (the
+            inverse permutation replaces the unsort's scatter).
   capacity  each expert takes at most C = ceil(capacity_factor * N*K / E) assignments of the call's
             N tokens; the rest are dropped (contribute 0). Priority: every token's 1st choice, in token
             order, before any 2nd choice, and so on (GShard). Scatter into an [E, C] buffer, gather back.
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax.kernels import grouped_matmul as gmm_lib
 from mixtral_jax.model import router as router_lib
 from mixtral_jax.model.layers import MLP, default_init, dtype_of, gated_activation
 from mixtral_jax.sharding import partitioned
@@ -36,31 +36,37 @@ def swiglu_experts_dense(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gat
   return jnp.einsum("NKD,NK->ND", y_NKD.astype(jnp.float32), w_NK)
 
 
-def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, impl: str | None = None, block: int = 128):
+def grouped_matmul(x_MD, w_EDF, group_sizes_E, *, impl: str | None = None, block: int | None = None):
   """Rows grouped by expert (group e = the next group_sizes_E[e] rows) times their expert's matrix.
 
-  impl: "ragged_dot" (jax.lax.ragged_dot; native grouped GEMM on GPU/TPU), "blocked" (pad each
-  group to whole blocks of `block` rows, batched matmul over blocks), or None: blocked on CPU.
+  impl (`cfg.moe.grouped_matmul`): None = the backend's best (Pallas TPU on TPU, Pallas Triton on
+  GPU, the blocked XLA path on CPU), or one of `kernels.grouped_matmul.IMPLEMENTATIONS`
+  ("xla" = "blocked": each group padded to whole blocks of `block` rows, one batched matmul).
   """
-  impl = impl or ("blocked" if jax.default_backend() == "cpu" else "ragged_dot")
-  if impl == "ragged_dot":
-    return jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E)
-  if impl != "blocked":
-    raise ValueError(f"moe.grouped_matmul: unknown {impl!r}; expected ragged_dot or blocked")
-  m, e = x_MD.shape[0], w_EDF.shape[0]
-  block = max(1, min(block, m))
-  num_blocks = -(-m // block) + e                       # each group wastes less than one block
-  padded_E = -(-group_sizes_E // block) * block
-  padded_start_E = jnp.cumsum(padded_E) - padded_E
-  start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-  expert_M = jnp.repeat(jnp.arange(e), group_sizes_E, total_repeat_length=m)
-  row_M = padded_start_E[expert_M] + jnp.arange(m) - start_E[expert_M]  # row in the padded buffer
-  x_PD = jnp.zeros((num_blocks * block, x_MD.shape[1]), x_MD.dtype).at[row_M].set(x_MD)
-  # Block i belongs to the expert whose padded range holds row i*block (unused blocks: the last).
-  block_expert = jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(num_blocks) * block, side="right")
-  w_nDF = w_EDF[jnp.minimum(block_expert, e - 1)]
-  y_nbF = jnp.einsum("nbD,nDF->nbF", x_PD.reshape(num_blocks, block, -1), w_nDF)
-  return y_nbF.reshape(num_blocks * block, -1)[row_M]
+  impl = "xla" if impl == "blocked" else impl
+  bs = None if block is None else gmm_lib.BlockSizes(block_m=block)
+  return gmm_lib.grouped_matmul(x_MD, w_EDF, group_sizes_E, implementation=impl, block_sizes=bs)
+
+
+@jax.custom_vjp
+def _gather_rows(x_ND, src_M, inv_M):
+  """x_ND[src_M] (row m of the sorted buffer is token src_M[m]); inv_M is the inverse permutation of
+  the token-major assignments, so the backward is a gather too (no scatter-add)."""
+  return x_ND[src_M]
+
+
+def _gather_rows_fwd(x_ND, src_M, inv_M):
+  return x_ND[src_M], (inv_M, x_ND.shape[0])
+
+
+def _gather_rows_bwd(res, dxs_MD):
+  inv_M, n = res
+  # Token n's K assignments sit at rows inv_M[n*K : (n+1)*K] of the sorted buffer.
+  dx = dxs_MD[inv_M].reshape(n, -1, dxs_MD.shape[-1]).sum(axis=1, dtype=jnp.float32)
+  return dx.astype(dxs_MD.dtype), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_activation,
@@ -71,12 +77,15 @@ def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_a
   flat_M = idx_NK.reshape(-1)                        # M = N*K assignments, token-major
   order_M = jnp.argsort(flat_M, stable=True)         # grouped by expert
   group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
-  xs_MD = x_ND[order_M // k]
+  # inv_M[m]: the sorted row of assignment m. An int scatter of M entries replaces the [M, D] float
+  # scatter of the unsort; every row permutation below is then a gather, forward and backward.
+  inv_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+  xs_MD = _gather_rows(x_ND, order_M // k, inv_M)
   gmm = functools.partial(grouped_matmul, group_sizes_E=group_sizes_E, impl=impl)
   g_MF = gmm(xs_MD, gate_EDF)
   u_MF = gmm(xs_MD, up_EDF)
   ys_MD = gmm(act(g_MF, u_MF), down_EFD)
-  y_MD = jnp.zeros_like(ys_MD).at[order_M].set(ys_MD)  # unsort: row m is assignment m again
+  y_MD = _gather_rows(ys_MD, inv_M, order_M)           # unsort: row m is assignment m again
   return jnp.einsum("NKD,NK->ND", y_MD.reshape(n, k, -1).astype(jnp.float32), w_NK)
 
 
@@ -135,6 +144,9 @@ class MoE(nnx.Module):
     self.grouped_matmul = m.get("grouped_matmul")
     self.capacity_factor = m.capacity_factor
     self.aux_loss_weight = m.aux_loss_weight
+    self.balance_loss = m.get("balance_loss", "sequence")
+    if self.balance_loss not in ("sequence", "switch"):
+      raise ValueError(f"moe.balance_loss: unknown {self.balance_loss!r}; expected 'sequence' or 'switch'")
     self.z_loss_weight = m.z_loss_weight
     self.dtype = dtype_of(cfg.dtype)
     param_dtype = dtype_of(cfg.param_dtype)
@@ -176,7 +188,9 @@ class MoE(nnx.Module):
       y_BTD = y_BTD + self.shared_experts(x_BTD.astype(self.dtype))
 
     losses = {}
-    if self.aux_loss_weight > 0:
+    if self.aux_loss_weight > 0 and self.balance_loss == "switch":
+      losses["moe_balance"] = self.aux_loss_weight * router_lib.switch_balance_loss(idx_NK, scores_NE)
+    elif self.aux_loss_weight > 0:
       losses["moe_balance"] = self.aux_loss_weight * router_lib.sequence_balance_loss(
           idx_NK.reshape(b, t, -1), scores_NE.reshape(b, t, -1))
     if self.z_loss_weight > 0:

@@ -100,6 +100,16 @@ def sequence_balance_loss(idx_BTK, scores_BTE):
   return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
 
 
+def switch_balance_loss(idx_NK, scores_NE):
+  """Switch-Transformer / Mixtral load-balancing loss over all N tokens of the call (HF Mixtral's
+  `load_balancing_loss_func` for one layer): E * sum_e f_e P_e with f_e = #{(n, k): idx_nk = e} / N
+  and P_e = mean_n s_ne, so K when routing is uniform. Mixtral trained with weight 0.02."""
+  n, _ = idx_NK.shape
+  e = scores_NE.shape[-1]
+  f_E = jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=(0, 1)) / n
+  return e * jnp.sum(jax.lax.stop_gradient(f_E) * jnp.mean(scores_NE, axis=0))
+
+
 def z_loss(logits_NE):
   """Router z-loss: mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1)))
