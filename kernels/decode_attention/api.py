@@ -23,6 +23,16 @@ import jax.numpy as jnp
 from . import reference
 from .reference import cdiv
 
+
+def pad_rows(x, rows, axis):
+  """Zero rows appended along `axis` up to `rows`."""
+  pad = rows - x.shape[axis]
+  if pad <= 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_triton")
 SUMMARY_KINDS = ("mean", "minmax")
 _WARNED = set()
@@ -134,7 +144,6 @@ def _pow2_tile(c, want):
 
 def _group_q(q_BNH, kh, rows):
   """[B, N, H] -> [B, K, rows, H] (the G heads of each kv group, zero rows after them)."""
-  from .pallas_triton import pad_rows
   b, n, h = q_BNH.shape
   return pad_rows(q_BNH.reshape(b, kh, n // kh, h), rows, 2)
 
@@ -147,14 +156,14 @@ def _attend(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block, sm_scale, b
   if s % block:
     raise ValueError(f"{impl}: cache length {s} is not a multiple of the block {block}")
   q_BNH = q_BNH.astype(k_BSKH.dtype)
-  counts_BK = None
-  if indices_BKJ is not None:  # valid ids first: the kernels loop over a prefix
-    indices_BKJ = -jnp.sort(-indices_BKJ, axis=-1)
-    counts_BK = jnp.sum(indices_BKJ >= 0, axis=-1).astype(jnp.int32)
   lengths_B = lengths_B.astype(jnp.int32)
   mod = _module(impl)
   if impl == "pallas_tpu":
     mod.check(head_dim=h, num_kv_heads=kh, interpret=interpret)
+    counts_BK = None
+    if indices_BKJ is not None:  # valid ids first: the grid runs over a prefix of each list
+      indices_BKJ = -jnp.sort(-indices_BKJ, axis=-1)
+      counts_BK = jnp.sum(indices_BKJ >= 0, axis=-1).astype(jnp.int32)
     q_BKGH = q_BNH.reshape(b, kh, n // kh, h)
     y = mod.attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, block=block,
                    sm_scale=sm_scale, interpret=interpret)
@@ -168,8 +177,10 @@ def _attend(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block, sm_scale, b
     per_program = cdiv(tiles, splits)
   else:
     per_program = min(bs.blocks_per_program, indices_BKJ.shape[-1])
+    indices_BKJ = pad_rows(indices_BKJ + 1, cdiv(indices_BKJ.shape[-1], per_program) * per_program,
+                           2) - 1  # -1 slots up to a whole number of programs
   programs = cdiv(s // block if indices_BKJ is None else indices_BKJ.shape[-1], per_program)
-  parts = mod.attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, block=block,
+  parts = mod.attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block=block,
                      num_programs=programs, per_program=per_program, sm_scale=sm_scale,
                      num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
   o_BKGH = mod.combine(*parts)[:, :, :g]
@@ -254,7 +265,7 @@ def msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block_size, block_s
       return jnp.swapaxes(out_BCK, 1, 2)
     mod.check(head_dim=i, tiles={"block_size": block_size}, interpret=interpret)
     out = mod.index_block_scores(
-        mod.pad_rows(q, max(mod.MIN_ROWS, kh), 1), index_k_BSI, lengths_B, block=block_size,
+        pad_rows(q, max(mod.MIN_ROWS, kh), 1), index_k_BSI, lengths_B, block=block_size,
         nb=_pow2_tile(c, bs.index_blocks), num_warps=bs.num_warps, num_stages=bs.num_stages,
         interpret=interpret)
     return out[:, :kh]
@@ -322,7 +333,7 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
       raise ValueError(f"pallas_triton: {c} summary blocks have no power-of-two tile >= 16")
     rows = max(mod.MIN_ROWS, 1 << (q_BKRH.shape[2] - 1).bit_length())
     return mod.summary_block_scores(
-        mod.pad_rows(q_BKRH, rows, 2), arrays, lengths_B, kind=kind, groups=g, block=block_size,
+        pad_rows(q_BKRH, rows, 2), arrays, lengths_B, kind=kind, groups=g, block=block_size,
         nc=nc, num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
 
   out = _choose(implementation, kernel)

@@ -49,38 +49,31 @@ def check(*, head_dim, tiles, interpret):
       raise ValueError(f"pallas_triton: {name}={t} must be a power of two >= 16")
 
 
-def pad_rows(x, rows, axis):
-  """Zero rows appended along `axis` up to `rows`."""
-  pad = rows - x.shape[axis]
-  if pad <= 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
-def _attend_kernel(len_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+def _attend_kernel(len_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    num_kv_heads, num_list, per_program, block, sm_scale, sparse):
   b, kh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   length = len_ref[b]
   q = q_ref[...]
   row = b * num_kv_heads + kh
-  if sparse:  # listed blocks come first in each row (-1 slots after them)
-    n = jnp.clip(cnt_ref[row] - p * per_program, 0, per_program)
-    start_of = lambda i: idx_ref[row * num_list + p * per_program + i] * block
+  if sparse:  # a -1 slot loads block 0 and hides all of it (no reorder or count needed)
+    n = per_program
+    first = p * per_program
   else:
     first = p * per_program * block
     n = jnp.clip(cdiv(length - first, block), 0, per_program)
-    start_of = lambda i: first + i * block
 
   def body(i, carry):
     acc, m_prev, l_prev = carry
-    start = start_of(i)
+    if sparse:
+      blk = idx_ref[row * num_list + first + i]
+      start, limit = jnp.maximum(blk, 0) * block, jnp.where(blk >= 0, length, 0)
+    else:
+      start, limit = first + i * block, length
     k = k_ref[pl.ds(start, block), :]
     v = v_ref[pl.ds(start, block), :]
     s = _dot(q, k, _NT) * (sm_scale * LOG2E)
     pos = start + jnp.arange(block)
-    s = jnp.where(pos[None, :] < length, s, -jnp.inf)
+    s = jnp.where(pos[None, :] < limit, s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     pr = jnp.exp2(s - m_next[:, None])
@@ -97,13 +90,13 @@ def _attend_kernel(len_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
   l_ref[...] = l
 
 
-def attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, *, block, num_programs,
+def attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block, num_programs,
            per_program, sm_scale, num_warps, num_stages, interpret=False):
   """Partial decode attention. q [B, K, Gp, H] (Gp a power of two >= 16, zero rows allowed).
 
   Dense (indices None): program p covers cache tiles [p * per_program, (p + 1) * per_program)
   of `block` slots. Sparse: it covers list entries [p * per_program, ...) of indices_BKJ
-  (block ids, valid ones first, counts_BK of them). Returns base-2 partials
+  (block ids, -1 = none; J a multiple of per_program). Returns base-2 partials
   (o [B, K, P, Gp, H] f32 unnormalized, m [B, K, P, Gp], l [B, K, P, Gp]).
   """
   b, kh, gp, h = q_BKGH.shape
@@ -111,7 +104,6 @@ def attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, *, block, 
   sparse = indices_BKJ is not None
   if not sparse:
     indices_BKJ = jnp.zeros((b, kh, 1), jnp.int32)
-    counts_BK = jnp.zeros((b, kh), jnp.int32)
   kernel = functools.partial(
       _attend_kernel, num_kv_heads=kh, num_list=indices_BKJ.shape[-1], per_program=per_program,
       block=block, sm_scale=sm_scale, sparse=sparse)
@@ -123,7 +115,7 @@ def attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, *, block, 
   return pl.pallas_call(
       kernel,
       grid=(b, kh, num_programs),
-      in_specs=[whole, whole, whole, q_spec, kv_spec, kv_spec],
+      in_specs=[whole, whole, q_spec, kv_spec, kv_spec],
       out_specs=[o_spec, ml_spec, ml_spec],
       out_shape=[jax.ShapeDtypeStruct((b, kh, num_programs, gp, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, num_programs, gp), jnp.float32),
@@ -131,7 +123,7 @@ def attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, counts_BK, *, block, 
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="sparse_decode_triton" if sparse else "dense_decode_triton",
-  )(lengths_B, indices_BKJ.reshape(-1), counts_BK.reshape(-1), q_BKGH, k_BSKH, v_BSKH)
+  )(lengths_B, indices_BKJ.reshape(-1), q_BKGH, k_BSKH, v_BSKH)
 
 
 def combine(o_BKPGH, m_BKPG, l_BKPG):
@@ -196,7 +188,7 @@ def _summary_kernel(len_ref, q_ref, *refs, block, nc, groups, kind):
     return (_dot(jnp.maximum(q, 0.0), kmax.astype(q.dtype), _NT)
             + _dot(jnp.minimum(q, 0.0), kmin.astype(q.dtype), _NT))
 
-  s = lax.fori_loop(0, jnp.where(first < n_past, 1, 0), body,
+  s = lax.fori_loop(0, (first < n_past).astype(jnp.int32), body,
                     jnp.zeros((rows, nc), jnp.float32))
   if kind == "mean":  # row 0 holds the group-mean query, the other rows are zero
     score = jnp.sum(s, axis=0)
