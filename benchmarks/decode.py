@@ -16,6 +16,7 @@ device-to-device copy bandwidth measured here ((read + write) bytes / time of x 
 lengths (one not a multiple of 128).
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -29,19 +30,22 @@ import numpy as np
 from mixtral_jax.kernels import decode_attention as da
 
 N, K, H, I, BLOCK, TOP_K = 48, 8, 128, 128, 128, 16
+IMPL = ["pallas_triton"]  # --smoke: "xla", to check this script on a CPU
 DT = jnp.bfloat16
 
 
-def timeit(step, carry, *args, target_s=0.05, batches=5):
-  """Median seconds per call of step(carry, *args) -> carry, looped inside one jit."""
+def timeit(step, carry, *args, target_s=0.05, batches=5, reps=None):
+  """Median seconds per call of step(carry, *args) -> carry, looped inside one jit (reps calls
+  per loop: given, or sized to ~target_s from a 2-call loop)."""
   def loop(reps):
     return jax.jit(lambda c, *a: lax.fori_loop(0, reps, lambda _, c: step(c, *a), c))
 
-  one = loop(2)
-  jax.block_until_ready(one(carry, *args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(one(carry, *args))
-  reps = int(min(2000, max(4, target_s / max((time.perf_counter() - t0) / 2, 1e-6))))
+  if reps is None:
+    one = loop(2)
+    jax.block_until_ready(one(carry, *args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(one(carry, *args))
+    reps = int(min(2000, max(4, target_s / max((time.perf_counter() - t0) / 2, 1e-6))))
   f = loop(reps)
   jax.block_until_ready(f(carry, *args))
   times = []
@@ -52,11 +56,11 @@ def timeit(step, carry, *args, target_s=0.05, batches=5):
   return statistics.median(times)
 
 
-def copy_bandwidth():
-  x = jax.random.normal(jax.random.key(0), (1 << 31,), DT)  # 4 GiB
+def copy_bandwidth(n=1 << 31):
+  x = jax.random.normal(jax.random.key(0), (n,), DT)  # 4 GiB
   t = timeit(lambda x: x + 1, x, target_s=0.2)
   del x
-  return 2 * (1 << 31) * 2 / t
+  return 2 * n * 2 / t
 
 
 def make_inputs(b, t, seed=0):
@@ -89,10 +93,11 @@ def cudnn_step(with_lengths):
   return step
 
 
-def steps(bs=None):
-  kw = dict(implementation="pallas_triton", block_sizes=bs)
+def steps(dense_bs=None, bs=None):
+  kw = dict(implementation=IMPL[0], block_sizes=bs)
   return {
-      "dense (ours)": lambda q, k, v, ik, L, sm: da.dense_decode(q, k, v, L, **kw),
+      "dense (ours)": lambda q, k, v, ik, L, sm: da.dense_decode(
+          q, k, v, L, implementation=IMPL[0], block_sizes=dense_bs),
       "MSA top-16": lambda q, k, v, ik, L, sm: da.msa_decode(
           q, k, v, L, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K, **kw),
       "summary mean (MoBA)": lambda q, k, v, ik, L, sm: da.summary_decode(
@@ -104,9 +109,9 @@ def steps(bs=None):
 
 def bytes_read(name, b, t):
   kv_token = 2 * K * H * 2
-  selected = b * K * TOP_K * BLOCK * 2 * H * 2
   c = t // BLOCK
-  if name.startswith(("cuDNN", "dense", "xla")):
+  selected = b * K * min(TOP_K, c) * BLOCK * 2 * H * 2
+  if name.startswith(("cuDNN", "dense")):
     return b * t * kv_token
   if name.startswith("MSA"):
     return b * t * I * 2 + selected
@@ -146,7 +151,7 @@ def check_correctness(lines):
     extra = ""
     if name == "MSA top-16":
       _, ki = da.msa_decode(q, k, v, lengths, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K,
-                            implementation="pallas_triton", return_indices=True)
+                            implementation=IMPL[0], return_indices=True)
       _, ri = da.msa_decode(q, k, v, lengths, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K,
                             implementation="xla", return_indices=True)
       extra = f", same blocks: {bool(np.all(np.sort(ki) == np.sort(ri)))}"
@@ -163,7 +168,7 @@ def check_correctness(lines):
   return lines
 
 
-def table(seqs, batches, bw, lines):
+def table(seqs, batches, bw, lines, dense_bs=None, bs=None):
   lines += ["", "| T | B | implementation | time (us) | bytes read (MB) | floor (us) | "
             "time / floor | speed-up vs cuDNN |", "|---|---|---|---|---|---|---|---|"]
   for t in seqs:
@@ -179,12 +184,21 @@ def table(seqs, batches, bw, lines):
         results["cuDNN dense"] = timeit(cudnn_step(True), q, k, v, lengths)
       except Exception as e:  # noqa: BLE001
         lines.append(f"| {t} | {b} | cuDNN failed: {str(e)[:120]} | | | | | |")
-      for name, fn in steps().items():
+      for name, fn in steps(dense_bs, bs).items():
         try:
           results[name] = timeit(lambda q, k, v, ik, L, sm, fn=fn: fn(q, k, v, ik, L, sm),
                                  q, k, v, ik, lengths, sm)
         except Exception as e:  # noqa: BLE001 - report and go on to the next implementation
           lines.append(f"| {t} | {b} | {name} failed: {str(e)[:200]} | | | | | |")
+      if b == 1:  # the model's decode path today
+        for name, fn in (("dense (XLA reference)", lambda q, k, v, L: da.dense_decode(
+            q, k, v, L, implementation="xla")), ("MSA (XLA reference)", lambda q, k, v, L, ik: da.msa_decode(
+                q, k, v, L, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K, implementation="xla"))):
+          try:
+            args_ = (k, v, lengths) + ((ik,) if name.startswith("MSA") else ())
+            results[name] = timeit(fn, q, *args_)
+          except Exception as e:  # noqa: BLE001
+            lines.append(f"| {t} | {b} | {name} failed: {str(e)[:200]} | | | | | |")
       base = results.get("cuDNN dense")
       for name, sec in results.items():
         nbytes = bytes_read(name, b, t)
@@ -197,11 +211,11 @@ def table(seqs, batches, bw, lines):
   return lines
 
 
-def parts(t, lines):
+def parts(t, lines, bs=None):
   """Where MSA / summary decode time goes at B=1: the scoring kernel, top-k, the attention."""
   q, k, v, ik, lengths = make_inputs(1, t)
   sm = summaries_of(k, lengths)
-  kw = dict(implementation="pallas_triton")
+  kw = dict(implementation=IMPL[0], block_sizes=bs)
   scores = da.msa_block_scores(iq_of(q), ik, lengths, block_size=BLOCK, **kw)
   idx = da.select_top_blocks(scores, lengths, block_size=BLOCK, top_k=TOP_K)
   feed = lambda x, q: q + (jnp.sum(x) * 0).astype(q.dtype)  # a data dependence on the result
@@ -213,6 +227,9 @@ def parts(t, lines):
       "top-16 of the block scores": lambda q: feed(da.select_top_blocks(
           scores + q[0, 0, 0].astype(jnp.float32), lengths, block_size=BLOCK, top_k=TOP_K)[0, 0, 0]
           .astype(jnp.float32), q),
+      "top-16, chunks of 512": lambda q: feed(da.select_top_blocks(
+          scores + q[0, 0, 0].astype(jnp.float32), lengths, block_size=BLOCK, top_k=TOP_K,
+          chunk=512)[0, 0, 0].astype(jnp.float32), q),
       "sparse attention over 16 blocks": lambda q: da.sparse_decode(
           q, k, v, lengths, idx, block_size=BLOCK, **kw),
       "empty step (q + 0)": lambda q: feed(q[0, 0, 0], q),
@@ -222,30 +239,66 @@ def parts(t, lines):
   return lines
 
 
-def tune(t, b, lines):
-  q, k, v, ik, lengths = make_inputs(b, t)
-  lines += ["", f"Tile sweep at T={t}, B={b} (us):"]
-  for blk in (64, 128, 256):
-    for warps, stages in ((4, 2), (4, 3), (8, 3)):
-      for target in (264, 1056):
-        bs = da.BlockSizes(block_kv=blk, num_warps=warps, num_stages=stages,
-                           target_programs=target)
-        try:
-          sec = timeit(lambda q: da.dense_decode(q, k, v, lengths, implementation="pallas_triton",
-                                                 block_sizes=bs), q)
-          lines.append(f"- dense block_kv={blk} warps={warps} stages={stages} programs~{target}: "
-                       f"{sec * 1e6:.1f}")
-        except Exception as e:  # noqa: BLE001
-          lines.append(f"- dense block_kv={blk} warps={warps} stages={stages}: fails {str(e)[:80]}")
-  for nb in (4, 8, 16, 32):
-    for warps, stages in ((4, 2), (4, 3), (8, 3)):
-      bs = da.BlockSizes(index_blocks=nb, num_warps=warps, num_stages=stages)
-      sec = timeit(lambda q: q + (da.msa_block_scores(iq_of(q), ik, lengths, block_size=BLOCK,
-                                                      implementation="pallas_triton",
-                                                      block_sizes=bs)[0, 0, 0] * 0).astype(q.dtype), q)
-      lines.append(f"- index scores index_blocks={nb} warps={warps} stages={stages}: {sec * 1e6:.1f}")
-  print("\n".join(lines), flush=True)
-  return lines
+def short(bs):
+  """The BlockSizes fields that differ from the defaults."""
+  base = da.BlockSizes()
+  diff = [f"{f.name}={getattr(bs, f.name)}" for f in dataclasses.fields(bs)
+          if getattr(bs, f.name) != getattr(base, f.name)]
+  return ", ".join(diff) or "defaults"
+
+
+def sweep(label, make, candidates, lines, reps=20):
+  """Times make(candidate) -> step(q) -> q for each candidate; returns the fastest one."""
+  best, best_t = None, float("inf")
+  for cand in candidates:
+    try:
+      sec = timeit(make(cand), QSTATE[0], reps=reps)
+    except Exception as e:  # noqa: BLE001 - a tile that does not compile is just skipped
+      lines.append(f"- {label} ({short(cand)}): fails {str(e)[:100]}")
+      continue
+    lines.append(f"- {label} ({short(cand)}): {sec * 1e6:.1f} us")
+    if sec < best_t:
+      best, best_t = cand, sec
+  print("\n".join(lines[-len(candidates):]), flush=True)
+  return best
+
+
+QSTATE = [None]
+
+
+def tune(t, lines):
+  """Tile sweeps at T=t, B=1 (end to end per decode call); returns (dense, sparse) BlockSizes."""
+  q, k, v, ik, lengths = make_inputs(1, t)
+  sm = summaries_of(k, lengths)
+  QSTATE[0] = q
+  lines += ["", f"Tile sweep at T={t}, B=1 (fixed 20 calls per timing, median of 5):"]
+  rep = dataclasses.replace
+  dense = lambda bs: lambda q: da.dense_decode(q, k, v, lengths, implementation=IMPL[0],
+                                               block_sizes=bs)
+  base = da.BlockSizes()
+  cands = [rep(base, block_kv=b_, num_warps=w, num_stages=st_) for b_, w, st_ in
+           ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2))]
+  best = sweep("dense", dense, cands, lines)
+  best_dense = sweep("dense", dense, [rep(best, target_programs=n) for n in (264, 1056, 2112)]
+                     + [best], lines)
+  msa = lambda bs: lambda q: da.msa_decode(q, k, v, lengths, iq_of(q), ik, block_size=BLOCK,
+                                           top_k=TOP_K, implementation=IMPL[0],
+                                           block_sizes=bs)
+  cands = [rep(base, index_blocks=nb, score_num_warps=4, score_num_stages=st_)
+           for nb in (1, 2, 4, 8) for st_ in (2, 3)]
+  best = sweep("msa", msa, cands, lines)
+  best = sweep("msa", msa, [best, rep(best, score_num_warps=8)], lines)
+  best = sweep("msa", msa, [rep(best, blocks_per_program=n) for n in (1, 2, 4)], lines)
+  best = sweep("msa", msa, [best] + [rep(best, select_chunk=n) for n in (128, 512)], lines)
+  summ = lambda bs: lambda q: da.summary_decode(q, k, v, lengths, sm, kind="mean",
+                                                block_size=BLOCK, top_k=TOP_K,
+                                                implementation=IMPL[0], block_sizes=bs)
+  best = sweep("summary mean", summ, [rep(best, summary_blocks=n) for n in (16, 32, 64, 128)],
+               lines)
+  best_sparse = sweep("summary mean", summ, [best, rep(best, score_num_warps=8)], lines)
+  lines += [f"Chosen: dense ({short(best_dense)}); MSA / summary ({short(best_sparse)})"]
+  del q, k, v, ik, sm
+  return best_dense, best_sparse
 
 
 def main():
@@ -253,9 +306,13 @@ def main():
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   p.add_argument("--seqs", default="32768,131072,1048576")
   p.add_argument("--batches", default="1,8")
-  p.add_argument("--tune", action="store_true", help="sweep tiles at the largest T, B=1")
+  p.add_argument("--tune", action="store_true",
+                 help="sweep tiles at the largest T, B=1, and run the table with the fastest")
   p.add_argument("--parts", action="store_true", help="time MSA's pieces at the largest T")
+  p.add_argument("--smoke", action="store_true", help="XLA in place of the kernels (CPU check)")
   args = p.parse_args()
+  if args.smoke:
+    IMPL[0] = "xla"
   seqs = [int(s) for s in args.seqs.split(",")]
   batches = [int(s) for s in args.batches.split(",")]
   dev = jax.devices()[0]
@@ -263,13 +320,14 @@ def main():
            f"{datetime.date.today().isoformat()}", ""]
   lines = check_correctness(lines)
   print("\n".join(lines), flush=True)
-  bw = copy_bandwidth()
+  bw = copy_bandwidth(1 << 24 if args.smoke else 1 << 31)
   lines += ["", f"Copy bandwidth (read + write): {bw / 1e12:.2f} TB/s."]
-  lines = table(seqs, batches, bw, lines)
-  if args.parts:
-    lines = parts(max(seqs), lines)
+  dense_bs = bs = None
   if args.tune:
-    lines = tune(max(seqs), 1, lines)
+    dense_bs, bs = tune(max(seqs), lines)
+  lines = table(seqs, batches, bw, lines, dense_bs, bs)
+  if args.parts:
+    lines = parts(max(seqs), lines, bs)
   text = "\n".join(lines) + "\n"
   print(text, flush=True)
   os.makedirs(args.out, exist_ok=True)

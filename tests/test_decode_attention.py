@@ -218,3 +218,12 @@ def test_none_falls_back_where_a_kernel_cannot_run(monkeypatch, caplog):
     got = da.dense_decode(q, k, v, lengths, block_sizes=bs)
   assert "falling back to xla" in caplog.text
   assert _rel_err(got, da.dense_decode_reference(q, k, v, lengths, sm_scale=12 ** -0.5)) == 0.0
+
+
+def test_chunked_selection_equals_one_top_k():
+  scores = jax.random.normal(jax.random.key(8), (3, 2, 64))
+  scores = scores.at[:, :, 40:].set(-jnp.inf).at[0, 0, :8].set(0.5)  # future blocks, ties
+  lengths = jnp.array([1, 300, 5000], jnp.int32)
+  want = da.select_top_blocks(scores, lengths, block_size=128, top_k=5)
+  got = da.select_top_blocks(scores, lengths, block_size=128, top_k=5, chunk=16)
+  np.testing.assert_array_equal(got, want)

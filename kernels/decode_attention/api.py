@@ -45,7 +45,9 @@ class BlockSizes:
   block_kv: cache slots per tile of dense decode. num_splits: GPU programs per (row, kv head)
   for dense split-K (None: enough for ~`target_programs` programs in all). blocks_per_program:
   selected blocks per GPU program of sparse decode. index_blocks / summary_blocks: key blocks
-  scored per program (rounded down to a divisor of C). num_warps / num_stages: Triton.
+  scored per program (rounded down to a divisor of C). num_warps / num_stages: Triton, for
+  the attention kernels; score_num_warps / score_num_stages for the scoring kernels.
+  select_chunk: two-level top-k over chunks of this many blocks (None: one lax.top_k).
   """
   block_kv: int = 128
   num_splits: int | None = None
@@ -55,6 +57,9 @@ class BlockSizes:
   summary_blocks: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  score_num_warps: int = 4
+  score_num_stages: int = 2
+  select_chunk: int | None = None
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -266,7 +271,8 @@ def msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block_size, block_s
     mod.check(head_dim=i, tiles={"block_size": block_size}, interpret=interpret)
     out = mod.index_block_scores(
         pad_rows(q, max(mod.MIN_ROWS, kh), 1), index_k_BSI, lengths_B, block=block_size,
-        nb=_pow2_tile(c, bs.index_blocks), num_warps=bs.num_warps, num_stages=bs.num_stages,
+        nb=_pow2_tile(c, bs.index_blocks), num_warps=bs.score_num_warps,
+        num_stages=bs.score_num_stages,
         interpret=interpret)
     return out[:, :kh]
 
@@ -290,8 +296,9 @@ def msa_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, index_q_BKI, index_k_BSI, *, bl
     raise ValueError(f"local_blocks must be an int in [0, top_k={top_k}], got {local_blocks!r}")
   kw = dict(block_sizes=block_sizes, implementation=implementation, interpret=interpret)
   scores_BKC = msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, block_size=block_size, **kw)
-  indices_BKJ = reference.select_top_blocks(scores_BKC, lengths_B, block_size=block_size,
-                                            top_k=top_k, local_blocks=local_blocks)
+  indices_BKJ = reference.select_top_blocks(
+      scores_BKC, lengths_B, block_size=block_size, top_k=top_k, local_blocks=local_blocks,
+      chunk=(block_sizes or BlockSizes()).select_chunk)
   y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block_size,
                     sm_scale=sm_scale, **kw)
   return (y, indices_BKJ) if return_indices else y
@@ -334,7 +341,7 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
     rows = max(mod.MIN_ROWS, 1 << (q_BKRH.shape[2] - 1).bit_length())
     return mod.summary_block_scores(
         pad_rows(q_BKRH, rows, 2), arrays, lengths_B, kind=kind, groups=g, block=block_size,
-        nc=nc, num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+        nc=nc, num_warps=bs.score_num_warps, num_stages=bs.score_num_stages, interpret=interpret)
 
   out = _choose(implementation, kernel)
   if out is None:
@@ -359,8 +366,9 @@ def summary_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, summaries, *, kind="mean", 
   kw = dict(block_sizes=block_sizes, implementation=implementation, interpret=interpret)
   scores_BKC = summary_block_scores(q_BNH, summaries, lengths_B, kind=kind,
                                     block_size=block_size, **kw)
-  indices_BKJ = reference.select_top_blocks(scores_BKC, lengths_B, block_size=block_size,
-                                            top_k=top_k, local_blocks=1)
+  indices_BKJ = reference.select_top_blocks(
+      scores_BKC, lengths_B, block_size=block_size, top_k=top_k, local_blocks=1,
+      chunk=(block_sizes or BlockSizes()).select_chunk)
   y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block_size,
                     sm_scale=sm_scale, **kw)
   return (y, indices_BKJ) if return_indices else y

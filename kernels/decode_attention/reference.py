@@ -72,20 +72,29 @@ def sparse_decode_reference(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, bl
   return masked_decode_reference(q_BNH, k_BSKH, v_BSKH, mask_BKS, sm_scale=sm_scale)
 
 
-def select_top_blocks(scores_BKC, lengths_B, *, block_size, top_k, local_blocks=1):
+def select_top_blocks(scores_BKC, lengths_B, *, block_size, top_k, local_blocks=1, chunk=None):
   """Top-k blocks per (row, kv head), as `model.attention.common.select_blocks` with T = 1.
 
   scores_BKC float32 with blocks the query may not pick already -inf. The `local_blocks` blocks
   ending at the query's own block are forced (+inf); -inf blocks are never selected.
+  chunk: top-k within chunks of `chunk` blocks first, then over their winners (the same set,
+  same tie order: lower block id first; a cheaper top-k on long rows where it pays).
   Returns indices int32 [B, K, min(top_k, C)], -1 for unused slots.
   """
-  c = scores_BKC.shape[-1]
+  b, kh, c = scores_BKC.shape
   q_block_B1 = ((lengths_B - 1) // block_size)[:, None]
-  local_BC = jnp.zeros((scores_BKC.shape[0], c), bool)
+  local_BC = jnp.zeros((b, c), bool)
   for i in range(local_blocks):
     local_BC |= jnp.maximum(q_block_B1 - i, 0) == jnp.arange(c)
   scores_BKC = jnp.where(local_BC[:, None], jnp.inf, scores_BKC)
-  top_scores, indices = jax.lax.top_k(scores_BKC, min(top_k, c))
+  k = min(top_k, c)
+  if chunk and c % chunk == 0 and c > chunk and chunk >= k:
+    part_s, part_i = jax.lax.top_k(scores_BKC.reshape(b, kh, c // chunk, chunk), k)
+    part_i = part_i + (jnp.arange(c // chunk) * chunk)[:, None]
+    top_scores, pos = jax.lax.top_k(part_s.reshape(b, kh, -1), k)
+    indices = jnp.take_along_axis(part_i.reshape(b, kh, -1), pos, axis=-1)
+  else:
+    top_scores, indices = jax.lax.top_k(scores_BKC, k)
   return jnp.where(top_scores == -jnp.inf, -1, indices).astype(jnp.int32)
 
 
