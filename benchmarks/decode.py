@@ -219,23 +219,27 @@ def parts(t, lines, bs=None):
   scores = da.msa_block_scores(iq_of(q), ik, lengths, block_size=BLOCK, **kw)
   idx = da.select_top_blocks(scores, lengths, block_size=BLOCK, top_k=TOP_K)
   feed = lambda x, q: q + (jnp.sum(x) * 0).astype(q.dtype)  # a data dependence on the result
+  # Arrays go in as arguments (a closure would embed GBs of cache as constants in the jit).
   pieces = {
-      "MSA index block scores": lambda q: feed(da.msa_block_scores(
-          iq_of(q), ik, lengths, block_size=BLOCK, **kw)[0, 0, 0], q),
-      "summary mean scores": lambda q: feed(da.summary_block_scores(
-          q, sm, lengths, kind="mean", block_size=BLOCK, **kw)[0, 0, 0], q),
-      "top-16 of the block scores": lambda q: feed(da.select_top_blocks(
-          scores + q[0, 0, 0].astype(jnp.float32), lengths, block_size=BLOCK, top_k=TOP_K)[0, 0, 0]
+      "MSA index block scores": lambda q, ik, L: feed(da.msa_block_scores(
+          iq_of(q), ik, L, block_size=BLOCK, **kw)[0, 0, 0], q),
+      "summary mean scores": lambda q, sm, L: feed(da.summary_block_scores(
+          q, sm, L, kind="mean", block_size=BLOCK, **kw)[0, 0, 0], q),
+      "top-16 of the block scores": lambda q, sc, L: feed(da.select_top_blocks(
+          sc + q[0, 0, 0].astype(jnp.float32), L, block_size=BLOCK, top_k=TOP_K)[0, 0, 0]
           .astype(jnp.float32), q),
-      "top-16, chunks of 512": lambda q: feed(da.select_top_blocks(
-          scores + q[0, 0, 0].astype(jnp.float32), lengths, block_size=BLOCK, top_k=TOP_K,
+      "top-16, chunks of 512": lambda q, sc, L: feed(da.select_top_blocks(
+          sc + q[0, 0, 0].astype(jnp.float32), L, block_size=BLOCK, top_k=TOP_K,
           chunk=512)[0, 0, 0].astype(jnp.float32), q),
-      "sparse attention over 16 blocks": lambda q: da.sparse_decode(
-          q, k, v, lengths, idx, block_size=BLOCK, **kw),
-      "empty step (q + 0)": lambda q: feed(q[0, 0, 0], q),
+      "sparse attention over 16 blocks": lambda q, kv, L: da.sparse_decode(
+          q, kv[0], kv[1], L, kv[2], block_size=BLOCK, **kw),
+      "empty step (q + 0)": lambda q, _, L: feed(q[0, 0, 0], q),
   }
+  operands = {"MSA index block scores": ik, "summary mean scores": sm,
+              "top-16 of the block scores": scores, "top-16, chunks of 512": scores,
+              "sparse attention over 16 blocks": (k, v, idx), "empty step (q + 0)": lengths}
   lines += ["", f"Parts at T={t}, B=1 (us): " + ", ".join(
-      f"{n} {timeit(f, q) * 1e6:.1f}" for n, f in pieces.items())]
+      f"{n} {timeit(f, q, operands[n], lengths) * 1e6:.1f}" for n, f in pieces.items())]
   return lines
 
 
@@ -247,12 +251,12 @@ def short(bs):
   return ", ".join(diff) or "defaults"
 
 
-def sweep(label, make, candidates, lines, reps=20):
-  """Times make(candidate) -> step(q) -> q for each candidate; returns the fastest one."""
+def sweep(label, make, candidates, lines, args, reps=20):
+  """Times make(candidate) -> step(q, *args) -> q for each candidate; returns the fastest."""
   best, best_t = None, float("inf")
   for cand in candidates:
     try:
-      sec = timeit(make(cand), QSTATE[0], reps=reps)
+      sec = timeit(make(cand), *args, reps=reps)
     except Exception as e:  # noqa: BLE001 - a tile that does not compile is just skipped
       lines.append(f"- {label} ({short(cand)}): fails {str(e)[:100]}")
       continue
@@ -263,39 +267,36 @@ def sweep(label, make, candidates, lines, reps=20):
   return best
 
 
-QSTATE = [None]
-
-
 def tune(t, lines):
   """Tile sweeps at T=t, B=1 (end to end per decode call); returns (dense, sparse) BlockSizes."""
   q, k, v, ik, lengths = make_inputs(1, t)
   sm = summaries_of(k, lengths)
-  QSTATE[0] = q
+  args = (q, k, v, ik, lengths, sm)  # as arguments: a closure would embed them as constants
   lines += ["", f"Tile sweep at T={t}, B=1 (fixed 20 calls per timing, median of 5):"]
   rep = dataclasses.replace
-  dense = lambda bs: lambda q: da.dense_decode(q, k, v, lengths, implementation=IMPL[0],
-                                               block_sizes=bs)
+  dense = lambda bs: lambda q, k, v, ik, L, sm: da.dense_decode(
+      q, k, v, L, implementation=IMPL[0], block_sizes=bs)
   base = da.BlockSizes()
   cands = [rep(base, block_kv=b_, num_warps=w, num_stages=st_) for b_, w, st_ in
            ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2))]
-  best = sweep("dense", dense, cands, lines)
+  best = sweep("dense", dense, cands, lines, args)
   best_dense = sweep("dense", dense, [rep(best, target_programs=n) for n in (264, 1056, 2112)]
-                     + [best], lines)
-  msa = lambda bs: lambda q: da.msa_decode(q, k, v, lengths, iq_of(q), ik, block_size=BLOCK,
-                                           top_k=TOP_K, implementation=IMPL[0],
-                                           block_sizes=bs)
+                     + [best], lines, args)
+  msa = lambda bs: lambda q, k, v, ik, L, sm: da.msa_decode(
+      q, k, v, L, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K, implementation=IMPL[0],
+      block_sizes=bs)
   cands = [rep(base, index_blocks=nb, score_num_warps=4, score_num_stages=st_)
            for nb in (1, 2, 4, 8) for st_ in (2, 3)]
-  best = sweep("msa", msa, cands, lines)
-  best = sweep("msa", msa, [best, rep(best, score_num_warps=8)], lines)
-  best = sweep("msa", msa, [rep(best, blocks_per_program=n) for n in (1, 2, 4)], lines)
-  best = sweep("msa", msa, [best] + [rep(best, select_chunk=n) for n in (128, 512)], lines)
-  summ = lambda bs: lambda q: da.summary_decode(q, k, v, lengths, sm, kind="mean",
-                                                block_size=BLOCK, top_k=TOP_K,
-                                                implementation=IMPL[0], block_sizes=bs)
+  best = sweep("msa", msa, cands, lines, args)
+  best = sweep("msa", msa, [best, rep(best, score_num_warps=8)], lines, args)
+  best = sweep("msa", msa, [rep(best, blocks_per_program=n) for n in (1, 2, 4)], lines, args)
+  best = sweep("msa", msa, [best] + [rep(best, select_chunk=n) for n in (128, 512)], lines, args)
+  summ = lambda bs: lambda q, k, v, ik, L, sm: da.summary_decode(
+      q, k, v, L, sm, kind="mean", block_size=BLOCK, top_k=TOP_K, implementation=IMPL[0],
+      block_sizes=bs)
   best = sweep("summary mean", summ, [rep(best, summary_blocks=n) for n in (16, 32, 64, 128)],
-               lines)
-  best_sparse = sweep("summary mean", summ, [best, rep(best, score_num_warps=8)], lines)
+               lines, args)
+  best_sparse = sweep("summary mean", summ, [best, rep(best, score_num_warps=8)], lines, args)
   lines += [f"Chosen: dense ({short(best_dense)}); MSA / summary ({short(best_sparse)})"]
   del q, k, v, ik, sm
   return best_dense, best_sparse
