@@ -306,3 +306,23 @@ def test_eval_batches():
   c = _config(variable_tracking=1.0)
   c.train.seq_len = 128
   assert not np.array_equal(pipeline.train_example(c, 0, 0)["inputs"], a[0]["inputs"][0])
+
+
+def test_curriculum_pads_short_steps_then_full_length():
+  c = _config(mqar=1.0, variable_tracking_h2=1.0)
+  c.train.seq_len = 128
+  c.data.curriculum = ((2, 64),)
+  batches = _take(pipeline.make_train_iterator(c, seed=0), 3)
+  for step, b in enumerate(batches):
+    assert b["inputs"].shape == (8, 128)
+    real = b["lm_mask"].sum(1)
+    if step < 2:  # generated at 64 tokens, then PAD with zero masks
+      assert real.max() <= 64 and b["loss_mask"][:, 64:].sum() == 0 and (b["inputs"][:, 64:] == PAD).all()
+    else:
+      assert real.min() > 120
+  np.testing.assert_array_equal(batches[1]["inputs"][3], pipeline.train_example(c, 0, 8 + 3)["inputs"])
+  assert pipeline.content_length(c.data.curriculum, 1, 128) == 64
+  assert pipeline.content_length(c.data.curriculum, 2, 128) == 128
+  c.data.curriculum = ((2, 64), (1, 96))
+  with pytest.raises(ValueError, match="curriculum"):
+    pipeline.make_train_iterator(c, seed=0)
