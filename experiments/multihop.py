@@ -75,7 +75,7 @@ def get_config(arg=None):
                   "niah_multikey": 0.5, "common_words": 0.5}
   c.data.curriculum = ((150, 256), (300, 512), (500, 1024))
   c.data.num_workers = 2
-  c.eval.update(tasks=EVAL_TASKS, lengths=(2048, 4096), num_examples=64, batch_size=16,
+  c.eval.update(tasks=EVAL_TASKS, lengths=(2048, 4096), num_examples=64, batch_size=8,
                 perplexity=False)
   c.study = {"decode_context": 32768, "decode_batch": 1, "decode_steps": 20}
 

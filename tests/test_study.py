@@ -50,7 +50,7 @@ def test_sweep_end_to_end_resume_and_determinism(tmp_path):
 
 def _sweep_end_to_end(tmp_path):
   workdir = str(tmp_path / "sweep")
-  variants = ["swa_hybrid", "msa"]
+  variants = ["swa_hybrid", "full"]
   report = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",))
   for name in ("report.json", "report.md", "accuracy_vs_hops.png", "accuracy_vs_length.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
@@ -66,7 +66,7 @@ def _sweep_end_to_end(tmp_path):
       assert all(st["n"] == 1 and 0.0 <= st["mean"] <= 1.0 for st in by_len.values())
     assert s["decode_ms"]["mean"] > 0 and s["step_ms"]["mean"] > 0
   assert on_disk["summary"]["swa_hybrid"]["global_layers"] == 1
-  assert on_disk["summary"]["msa"]["global_layers"] == 4
+  assert on_disk["summary"]["full"]["global_layers"] == 4
   table = report_lib.format_markdown(report)
   assert "decode ms @ 256 (XLA)" in table and "| swa_hybrid | 1 |" in table
   assert "vt h4" in table and "(training length)" in table
@@ -74,8 +74,8 @@ def _sweep_end_to_end(tmp_path):
   # A finished run is read back, not retrained.
   run_json = os.path.join(workdir, "swa_hybrid", "seed0", "run.json")
   mtime = os.path.getmtime(run_json)
-  sweep.run_sweep(workdir, ["swa_hybrid"], [0], modifiers=("smoke",))
-  assert os.path.getmtime(run_json) == mtime
+  again = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",))
+  assert os.path.getmtime(run_json) == mtime and again["runs"] == report["runs"]
 
   # Same variant, same seed, fresh workdir: the same weights and numbers.
   first = report["runs"][0]

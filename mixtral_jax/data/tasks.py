@@ -29,7 +29,7 @@ TOP_WORDS = 3           # cwe / fwe: how many most-frequent words are asked for
 FWE_ALPHA = 2.0         # RULER fwe: Zipf exponent of the word distribution
 MQAR_FAR_START = 0.5    # mqar_far: every query in the last half of the query region
 VT_MAX_CHAINS = 8       # multi-hop variable tracking: chains (= queries) per example, at most
-VT_LEVEL_SPAN = 0.25    # multi-hop variable tracking: level i fills the first quarter of region i
+VT_LEVEL_SPAN = 0.2     # multi-hop variable tracking: level i fills the first fifth of region i
 
 Example = dict[str, np.ndarray]
 
@@ -195,8 +195,9 @@ def variable_tracking_hops(rng, seq_len: int, hops: int) -> Example:
   Distances are controlled: the body (everything before the queries, length Lb) is cut into
   `hops` regions of R = Lb // hops tokens; the level-i statements of all chains sit in the first
   VT_LEVEL_SPAN of region i, so consecutive links of a chain are >= (1 - VT_LEVEL_SPAN) * R - 4
-  tokens apart, and the last link is >= that far from the queries. At 2048 tokens: >= 375 tokens
-  at 4 hops, >= 1500 at 1 hop; a window of W with k stacked windowed layers bridges only k * W.
+  tokens apart, and the last link is >= that far from the queries. At 2048 tokens: >= 400 tokens
+  at 4 hops, >= 1600 at 1 hop; k stacked windowed layers of window W bridge only k * (W - 1)
+  (3 x 127 = 381 for the 3 : 1 hybrid at W = 128), so they cannot join two links locally.
   """
   _check_len(seq_len)
   name = f"variable_tracking_h{hops}"

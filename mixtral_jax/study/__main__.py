@@ -23,6 +23,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each trains every v
 _MODIFIERS = flags.DEFINE_list("modifiers", [], "Config modifiers: smoke, deep.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Runs at once (> 1: one subprocess each, sharing the "
                              "accelerator).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Train steps per run (0: the config's); warmup and the "
+                              "length curriculum keep their share.")
 _SUMMARIZE = flags.DEFINE_bool("summarize", True, "Write report.json / report.md / plots.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "Deterministic GPU kernels.")
 flags.mark_flags_as_required(["workdir"])
@@ -38,7 +40,7 @@ def main(argv):
   logging.getLogger("mixtral_jax").setLevel(logging.INFO)
   from mixtral_jax.study import sweep  # after flag parsing: --help stays fast
   sweep.run_sweep(_WORKDIR.value, _VARIANTS.value, [int(s) for s in _SEEDS.value],
-                  modifiers=tuple(_MODIFIERS.value), jobs=_JOBS.value,
+                  modifiers=tuple(_MODIFIERS.value), jobs=_JOBS.value, steps=_STEPS.value or None,
                   summarize=_SUMMARIZE.value)
 
 

@@ -15,6 +15,12 @@ import numpy as np
 
 HOP_PREFIX = "variable_tracking_h"
 SCALARS = ("decode_ms", "step_ms", "train_seconds", "final_loss")
+MARKERS = "osD^vP*X"
+
+
+def _offset(i: int, n: int, step: float) -> float:
+  """Spreads n overlapping series apart along x (ties would hide each other)."""
+  return (i - (n - 1) / 2) * step
 
 
 def _stats(values) -> dict:
@@ -104,13 +110,19 @@ def plot_hops(report, path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  from mixtral_jax.data import tasks as tasks_lib
+
   hops, lengths = _hops(report), _lengths(report)
-  fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.2), squeeze=False)
+  n = len(report["summary"])
+  fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.6), squeeze=False)
   for ax, length in zip(axes[0], lengths):
     for i, (variant, s) in enumerate(report["summary"].items()):
       st = [s["accuracy"][f"{HOP_PREFIX}{h}"][length] for h in hops]
-      ax.errorbar(hops, [x["mean"] for x in st], yerr=[x["std"] for x in st], marker="o",
-                  capsize=3, color=f"C{i}", label=f"{variant} (g={s['global_layers']})")
+      ax.errorbar([h + _offset(i, n, 0.06) for h in hops], [x["mean"] for x in st],
+                  yerr=[x["std"] for x in st], marker=MARKERS[i % len(MARKERS)], capsize=3,
+                  color=f"C{i}", label=f"{variant} (g={s['global_layers']})")
+    chains = int(np.clip(int(length) // 256, 2, tasks_lib.VT_MAX_CHAINS))
+    ax.axhline(1 / chains, color="gray", ls=":", lw=1, label=f"guess: 1 of the {chains} values")
     ax.set_xticks(hops)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("hops (chained lookups per answer)")
@@ -118,8 +130,10 @@ def plot_hops(report, path: str):
     train = int(length) == report["meta"]["train_seq_len"]
     ax.set_title(f"variable tracking at {length} tokens" + (" (training length)" if train else ""))
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
-  fig.tight_layout()
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+  fig.suptitle("g = global layers (full / MSA / MoBA); error bars: std over seeds", fontsize=9)
+  fig.tight_layout(rect=(0, 0.12, 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -135,10 +149,12 @@ def plot_lengths(report, path: str):
   rows = -(-len(tasks) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
   for ax, task in zip(axes.flat, tasks):
+    n = len(report["summary"])
     for i, (variant, s) in enumerate(report["summary"].items()):
       st = [s["accuracy"][task][str(l)] for l in lengths]
-      ax.errorbar(lengths, [x["mean"] for x in st], yerr=[x["std"] for x in st], marker="o",
-                  capsize=3, color=f"C{i}", label=variant)
+      ax.errorbar([l * 2 ** _offset(i, n, 0.04) for l in lengths], [x["mean"] for x in st],
+                  yerr=[x["std"] for x in st], marker=MARKERS[i % len(MARKERS)], capsize=3,
+                  color=f"C{i}", label=variant)
     ax.axvline(report["meta"]["train_seq_len"], color="gray", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(l) for l in lengths])
@@ -147,10 +163,11 @@ def plot_lengths(report, path: str):
     ax.grid(alpha=0.3)
   for ax in axes.flat[len(tasks):]:
     ax.axis("off")
-  axes[0][0].legend(fontsize=7)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
   fig.supxlabel("context length (tokens; dashed: training length)")
   fig.supylabel("exact match")
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

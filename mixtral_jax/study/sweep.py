@@ -24,10 +24,19 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def run_config(variant: str, seed: int, modifiers=()):
+def run_config(variant: str, seed: int, modifiers=(), steps: int | None = None):
+  """experiments/multihop.py's config for `variant` with this seed; `steps` rescales the run
+  (warmup and the length curriculum keep their share of it)."""
   from mixtral_jax.experiments import multihop
   config = multihop.get_config(",".join([variant, *modifiers]))
   config.seed = int(seed)
+  if steps:
+    t, scale = config.train, steps / config.train.steps
+    t.warmup_steps = min(steps, max(1, round(t.warmup_steps * scale)))
+    t.checkpoint_every, t.log_every = steps, max(1, min(t.log_every, steps))
+    t.steps = int(steps)
+    config.data.curriculum = tuple((max(1, round(u * scale)), n)
+                                   for u, n in config.data.get("curriculum", ()))
   return config
 
 
@@ -68,17 +77,22 @@ def param_checksum(model) -> float:
   return float(sum(np.abs(np.asarray(jax.device_get(x), np.float64)).sum() for x in leaves))
 
 
-def run_one(variant: str, seed: int, workdir: str, modifiers=()) -> dict:
+def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | None = None) -> dict:
   """Trains, evaluates and times one (variant, seed); returns (and writes) its run.json."""
   from mixtral_jax import evaluate, sharding
   from mixtral_jax.trainer import trainer
 
   out_dir = run_dir(workdir, variant, seed)
   path = os.path.join(out_dir, "run.json")
+  config = run_config(variant, seed, modifiers, steps)
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
-  config = run_config(variant, seed, modifiers)
+      done = json.load(f)
+    if done["step"] != config.train.steps or done["modifiers"] != list(modifiers):
+      raise ValueError(f"workdir: {out_dir} holds a run of {done['step']} steps with modifiers "
+                       f"{done['modifiers']}, not {config.train.steps} with {list(modifiers)}; "
+                       "use a fresh workdir")
+    return done
   t0 = time.time()
   metrics = trainer.train(config, out_dir, progress=False)
   t1 = time.time()
@@ -107,7 +121,7 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=()) -> dict:
   return result
 
 
-def _subprocess_runs(pending, workdir, modifiers, jobs):
+def _subprocess_runs(pending, workdir, modifiers, jobs, steps):
   """Runs `pending` [(variant, seed)] in `jobs` concurrent study processes (each one run)."""
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / jobs:.3f}")
@@ -118,7 +132,7 @@ def _subprocess_runs(pending, workdir, modifiers, jobs):
       logf = open(os.path.join(workdir, f"{variant}_seed{seed}.log"), "w")
       cmd = [sys.executable, "-m", "mixtral_jax.study", f"--workdir={workdir}",
              f"--variants={variant}", f"--seeds={seed}", f"--modifiers={','.join(modifiers)}",
-             "--jobs=1", "--nosummarize"]
+             f"--steps={steps or 0}", "--jobs=1", "--nosummarize"]
       running.append(((variant, seed), subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env),
                       logf))
     time.sleep(1.0)
@@ -133,7 +147,7 @@ def _subprocess_runs(pending, workdir, modifiers, jobs):
 
 
 def run_sweep(workdir: str, variants, seeds, *, modifiers=(), jobs: int = 1,
-              summarize: bool = True) -> dict | None:
+              steps: int | None = None, summarize: bool = True) -> dict | None:
   """Every variant x seed (skipping finished runs), then report.json, report.md and the plots.
 
   Returns the report (None with summarize=False).
@@ -155,11 +169,11 @@ def run_sweep(workdir: str, variants, seeds, *, modifiers=(), jobs: int = 1,
   if jobs > 1:
     pending = [p for p in pairs if not os.path.exists(os.path.join(run_dir(workdir, *p),
                                                                    "run.json"))]
-    _subprocess_runs(pending, workdir, modifiers, jobs)
+    _subprocess_runs(pending, workdir, modifiers, jobs, steps)
   runs = []
   for v, s in pairs:
     log.info("run %s seed %d", v, s)
-    runs.append(run_one(v, s, workdir, modifiers))
+    runs.append(run_one(v, s, workdir, modifiers, steps))
   if not summarize:
     return None
   dev = jax.devices()[0]
@@ -168,6 +182,7 @@ def run_sweep(workdir: str, variants, seeds, *, modifiers=(), jobs: int = 1,
       "device": f"{jax.device_count()} x {dev.device_kind}", "platform": dev.platform,
       "jax": jax.__version__, "modifiers": list(modifiers), "seeds": [int(s) for s in seeds],
       "jobs": jobs, "sweep_seconds": round(time.time() - start, 1),
+      "total_run_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in runs), 1),
   }
   report = report_lib.build(runs, meta)
   report_lib.write(report, workdir)
