@@ -29,6 +29,9 @@ def test_multihop_config_variants():
     other = multihop.get_config(variant).to_dict()
     other["model"]["attention_pattern"] = base["model"]["attention_pattern"]
     assert other == base, variant
+  half = sweep.run_config("msa", 3, steps=600)
+  assert (half.seed, half.train.steps, half.train.warmup_steps) == (3, 600, 50)
+  assert half.data.curriculum == ((75, 256), (150, 512), (250, 1024))
   with pytest.raises(ValueError, match="variant"):
     multihop.get_config("smoke")
   with pytest.raises(ValueError, match="unknown"):
@@ -76,6 +79,8 @@ def _sweep_end_to_end(tmp_path):
   mtime = os.path.getmtime(run_json)
   again = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",))
   assert os.path.getmtime(run_json) == mtime and again["runs"] == report["runs"]
+  with pytest.raises(ValueError, match="workdir"):  # a finished run of other steps is refused
+    sweep.run_one("swa_hybrid", 0, workdir, ("smoke",), steps=3)
 
   # Same variant, same seed, fresh workdir: the same weights and numbers.
   first = report["runs"][0]

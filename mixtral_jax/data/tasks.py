@@ -183,10 +183,15 @@ def _place(rng, span: int, n: int, seg_len: int) -> np.ndarray:
   return cuts + seg_len * np.arange(n)
 
 
+def vt_chains(seq_len: int) -> int:
+  """Chains (and queries) per multi-hop variable-tracking example: 2 at 256, 8 from 1024 on."""
+  return int(np.clip(seq_len // 128, 2, VT_MAX_CHAINS))
+
+
 def variable_tracking_hops(rng, seq_len: int, hops: int) -> Example:
   """Multi-hop variable tracking: each answer needs `hops` chained lookups in one forward pass.
 
-  C = clip(seq_len // 256, 2, VT_MAX_CHAINS) chains of `hops` variables (names from KEYS, values
+  C = vt_chains(seq_len) chains of `hops` variables (names from KEYS, values
   from VALUES, all distinct): `VAR x0 = val`, `VAR x1 = x0`, ..., `VAR x{hops-1} = x{hops-2}`.
   Then one query per chain, in random order: `QUERY x{hops-1} ANSWER val` (val is the answer).
   Unlike `variable_tracking` (teacher forced, every answer token is one lookup), the answer
@@ -203,7 +208,7 @@ def variable_tracking_hops(rng, seq_len: int, hops: int) -> Example:
   name = f"variable_tracking_h{hops}"
   if name not in TASKS:
     raise ValueError(f"hops: {hops} has no registered task; expected 1..{VT_HOPS}")
-  n_chains = int(np.clip(seq_len // 256, 2, VT_MAX_CHAINS))
+  n_chains = vt_chains(seq_len)
   names = rng.choice(KEYS, n_chains * hops, replace=False).reshape(n_chains, hops)
   vals = rng.choice(VALUES, n_chains, replace=False)
   tail, answer_off = [], []

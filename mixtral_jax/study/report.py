@@ -121,7 +121,7 @@ def plot_hops(report, path: str):
       ax.errorbar([h + _offset(i, n, 0.06) for h in hops], [x["mean"] for x in st],
                   yerr=[x["std"] for x in st], marker=MARKERS[i % len(MARKERS)], capsize=3,
                   color=f"C{i}", label=f"{variant} (g={s['global_layers']})")
-    chains = int(np.clip(int(length) // 256, 2, tasks_lib.VT_MAX_CHAINS))
+    chains = tasks_lib.vt_chains(int(length))
     ax.axhline(1 / chains, color="gray", ls=":", lw=1, label=f"guess: 1 of the {chains} values")
     ax.set_xticks(hops)
     ax.set_ylim(-0.02, 1.02)
