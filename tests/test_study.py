@@ -2,7 +2,6 @@
 import json
 import os
 
-import jax
 import pytest
 
 from mixtral_jax.experiments import multihop
@@ -38,30 +37,26 @@ def test_multihop_config_variants():
     multihop.get_config("full,bogus")
 
 
-def test_sweep_end_to_end_resume_and_determinism(tmp_path):
-  # Compiled programs are reused by the rerun (a fresh trainer compiles the same programs again).
-  cache_dir = jax.config.jax_compilation_cache_dir
-  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  try:
-    _sweep_end_to_end(tmp_path)
-  finally:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-
-
-def _sweep_end_to_end(tmp_path):
+def test_sweep_end_to_end_resume_and_determinism(tmp_path, monkeypatch):
+  """2 variants x 1 seed through `--jobs=2` subprocesses on one CPU device each (compiling for
+  conftest's 8 fake devices would triple the time), then the same run again in a fresh workdir."""
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                   if "xla_force_host_platform_device_count" not in f)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  # The rerun reuses the compiled programs (a fresh trainer compiles the same programs again).
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "xla_cache"))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   workdir = str(tmp_path / "sweep")
   variants = ["swa_hybrid", "full"]
-  report = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",))
+  report = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",), jobs=2)
   for name in ("report.json", "report.md", "accuracy_vs_hops.png", "accuracy_vs_length.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "accuracy_vs_hops.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(workdir, "report.json")) as f:
     on_disk = json.load(f)
-  assert list(on_disk["summary"]) == variants
+  assert list(on_disk["summary"]) == variants and on_disk["meta"]["device"] == "1 x cpu"
   for variant, s in on_disk["summary"].items():
     assert set(s["accuracy"]) == set(multihop.EVAL_TASKS)
     for by_len in s["accuracy"].values():
@@ -74,22 +69,25 @@ def _sweep_end_to_end(tmp_path):
   assert "decode ms @ 256 (XLA)" in table and "| swa_hybrid | 1 |" in table
   assert "vt h4" in table and "(training length)" in table
 
-  # A finished run is read back, not retrained.
+  # A finished run is read back, not retrained; a finished run of other steps is refused.
   run_json = os.path.join(workdir, "swa_hybrid", "seed0", "run.json")
   mtime = os.path.getmtime(run_json)
   again = sweep.run_sweep(workdir, variants, [0], modifiers=("smoke",))
   assert os.path.getmtime(run_json) == mtime and again["runs"] == report["runs"]
-  with pytest.raises(ValueError, match="workdir"):  # a finished run of other steps is refused
+  with pytest.raises(ValueError, match="workdir"):
     sweep.run_one("swa_hybrid", 0, workdir, ("smoke",), steps=3)
 
   # Same variant, same seed, fresh workdir: the same weights and numbers.
   first = report["runs"][0]
-  again = sweep.run_one("swa_hybrid", 0, str(tmp_path / "again"), ("smoke",))
-  assert again["param_checksum"] == first["param_checksum"]
-  assert again["accuracy"] == first["accuracy"]
-  assert again["token_accuracy"] == first["token_accuracy"]
+  other = str(tmp_path / "again")
+  sweep.run_sweep(other, ["swa_hybrid"], [0], modifiers=("smoke",), jobs=2, summarize=False)
+  with open(os.path.join(other, "swa_hybrid", "seed0", "run.json")) as f:
+    rerun = json.load(f)
+  assert rerun["param_checksum"] == first["param_checksum"]
+  assert rerun["accuracy"] == first["accuracy"]
+  assert rerun["token_accuracy"] == first["token_accuracy"]
   drop = lambda m: {k: v for k, v in m.items() if k not in TIMING}
-  assert drop(again["final_metrics"]) == drop(first["final_metrics"])
+  assert drop(rerun["final_metrics"]) == drop(first["final_metrics"])
   assert report["runs"][1]["param_checksum"] != first["param_checksum"]  # the check can fail
 
 

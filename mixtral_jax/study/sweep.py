@@ -103,7 +103,10 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | No
   t2 = time.time()
   decode_ms = decode_step_ms(model, config, mesh)
   tps = metrics.get("tokens_per_second")
+  dev = jax.devices()[0]
   result = {
+      "device": f"{jax.device_count()} x {dev.device_kind}", "platform": dev.platform,
+      "jax": jax.__version__,
       "variant": variant, "seed": int(seed), "modifiers": list(modifiers), "step": int(step),
       "attention_pattern": list(config.model.attention_pattern),
       "train_seq_len": config.train.seq_len, "window": config.model.window,
@@ -176,11 +179,11 @@ def run_sweep(workdir: str, variants, seeds, *, modifiers=(), jobs: int = 1,
     runs.append(run_one(v, s, workdir, modifiers, steps))
   if not summarize:
     return None
-  dev = jax.devices()[0]
   meta = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "device": f"{jax.device_count()} x {dev.device_kind}", "platform": dev.platform,
-      "jax": jax.__version__, "modifiers": list(modifiers), "seeds": [int(s) for s in seeds],
+      # Where the runs ran (a subprocess's devices, with jobs > 1), not this process's.
+      "device": runs[0]["device"], "platform": runs[0]["platform"], "jax": runs[0]["jax"],
+      "modifiers": list(modifiers), "seeds": [int(s) for s in seeds],
       "jobs": jobs, "sweep_seconds": round(time.time() - start, 1),
       "total_run_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in runs), 1),
   }
