@@ -37,6 +37,27 @@ def test_multihop_config_variants():
     multihop.get_config("full,bogus")
 
 
+def test_multihop_full_size_shapes():
+  """Every full-size variant validates and traces at 2x the training length (no memory used)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mixtral_jax import config as config_lib
+  from mixtral_jax.model.transformer import Transformer, count_params
+  totals = {}
+  for variant in multihop.VARIANTS:
+    c = multihop.get_config(variant)
+    config_lib.validate(c, 1)
+    model = nnx.eval_shape(lambda: Transformer(c.model, rngs=nnx.Rngs(0)))
+    tokens = jax.ShapeDtypeStruct((2, 2 * c.train.seq_len), jnp.int32)
+    assert jax.eval_shape(lambda m, x: m(x), model, tokens).shape == (2, 4096, 256)
+    totals[variant] = count_params(nnx.state(model, nnx.Param), c.model)["total"]
+  # Same MoE everywhere: only Lightning's gate/norm and MSA's indexer add parameters.
+  assert totals["full"] == totals["swa"] == totals["swa_hybrid"] == totals["moba"] == 7_219_712
+  assert totals["full"] < totals["msa"] < totals["lightning_hybrid"] < 1.06 * totals["full"]
+
+
 def test_sweep_end_to_end_resume_and_determinism(tmp_path, monkeypatch):
   """2 variants x 1 seed through `--jobs=2` subprocesses on one CPU device each (compiling for
   conftest's 8 fake devices would triple the time), then the same run again in a fresh workdir."""
