@@ -73,7 +73,7 @@ def get_config(arg=None):
                  checkpoint_every=1200, max_to_keep=1)
   c.data.tasks = {**{t: 1.0 for t in HOP_TASKS}, "mqar": 0.5, "mqar_far": 0.5,
                   "niah_multikey": 0.5, "common_words": 0.5}
-  c.data.curriculum = ((150, 256), (300, 512), (500, 1024))
+  c.data.curriculum = ((300, 256), (600, 512), (900, 1024))
   c.data.num_workers = 2
   c.eval.update(tasks=EVAL_TASKS, lengths=(2048, 4096), num_examples=64, batch_size=8,
                 perplexity=False)

@@ -30,7 +30,7 @@ def test_multihop_config_variants():
     assert other == base, variant
   half = sweep.run_config("msa", 3, steps=600)
   assert (half.seed, half.train.steps, half.train.warmup_steps) == (3, 600, 50)
-  assert half.data.curriculum == ((75, 256), (150, 512), (250, 1024))
+  assert half.data.curriculum == ((150, 256), (300, 512), (450, 1024))
   with pytest.raises(ValueError, match="variant"):
     multihop.get_config("smoke")
   with pytest.raises(ValueError, match="unknown"):
