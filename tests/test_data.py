@@ -50,6 +50,17 @@ def _oracle_vt(inputs, p):
   return chain[p - (q + 2)]
 
 
+def _oracle_vt_hops(inputs, p):
+  """Follows `VAR x = src` back from the queried variable to a value; also checks the hop count."""
+  q = _query_start(inputs, p)
+  assign = {inputs[i + 1]: inputs[i + 3] for i in range(q - 3)
+            if inputs[i] == VAR and inputs[i + 2] == EQ}
+  current, hops = inputs[q + 1], 0
+  while not tok.is_value(current):
+    current, hops = assign[current], hops + 1
+  return current, hops
+
+
 def _oracle_words(inputs, p, k=tasks.TOP_WORDS):
   q = _query_start(inputs, p)
   counts = Counter(int(w) for w in inputs[1:q])
@@ -62,8 +73,16 @@ ORACLES = {
     "mqar": _oracle_mqar, "niah_single": _oracle_niah, "niah_multikey": _oracle_niah,
     "niah_multivalue": _oracle_niah, "niah_multiquery": _oracle_niah,
     "variable_tracking": _oracle_vt, "common_words": _oracle_words,
-    "frequent_words": _oracle_words,
+    "frequent_words": _oracle_words, "mqar_far": _oracle_mqar,
+    **{f"variable_tracking_h{h}": (lambda inputs, p, h=h: _checked_hops(inputs, p, h))
+       for h in range(1, tasks.VT_HOPS + 1)},
 }
+
+
+def _checked_hops(inputs, p, hops):
+  answer, found = _oracle_vt_hops(inputs, p)
+  assert found == hops, (found, hops)
+  return answer
 
 
 def test_every_task_has_an_oracle():
@@ -100,6 +119,41 @@ def test_oracle_can_fail():
   needle = np.flatnonzero(corrupted == VALUE)[1]
   corrupted[needle + 1] = tok.VALUES[(corrupted[needle + 1] - tok.VALUES[0] + 1) % 64]
   assert _oracle_answer("niah_multivalue", corrupted, p) != ex["targets"][p]
+
+
+def test_multihop_distances_beat_windows():
+  """Every link of a chain (and the last link to its query) is far apart: beyond a window of 128
+  with 3 stacked windowed layers at 2048 tokens, and the gaps double at 2x."""
+  for hops in range(1, tasks.VT_HOPS + 1):
+    for seq_len in (2048, 4096):
+      ex = tasks.generate(f"variable_tracking_h{hops}", seq_len, hops + 10 * (seq_len == 4096))
+      x = ex["inputs"]
+      body_end = int(np.flatnonzero(x == QUERY)[0])
+      region = (body_end - 1) // hops
+      where = {x[i + 1]: (i, x[i + 3]) for i in range(body_end) if x[i] == VAR}
+      queried = x[np.flatnonzero(x == QUERY) + 1]
+      assert len(queried) == tasks.VT_MAX_CHAINS
+      for var in queried:
+        pos, gaps = body_end, []
+        while not tok.is_value(var):
+          start, src = where[var]
+          gaps.append(pos - (start + 4))
+          pos, var = start, src
+        assert len(gaps) == hops
+        assert min(gaps) >= (1 - tasks.VT_LEVEL_SPAN) * region - 4, (hops, seq_len, gaps)
+        if seq_len == 2048:
+          assert min(gaps) > 3 * 127, gaps  # what 3 stacked windows of 128 bridge
+  # mqar_far: every query at least half the query region after its key-value pair (plain mqar's
+  # power-law gaps put most queries close).
+  def min_distance(name, seq_len):
+    ex = tasks.generate(name, seq_len, 0)
+    x, answers = ex["inputs"], np.flatnonzero(ex["loss_mask"])
+    dist = [p - np.flatnonzero(x[:p] == x[p])[0] for p in answers]
+    return min(dist), (seq_len - 2 * len(answers)) // 2 - 2
+  for seq_len in (256, 2048):
+    got, bound = min_distance("mqar_far", seq_len)
+    assert got >= bound, (seq_len, got, bound)
+    assert min_distance("mqar", seq_len)[0] < bound
 
 
 def test_content_scales_with_length():
@@ -252,3 +306,23 @@ def test_eval_batches():
   c = _config(variable_tracking=1.0)
   c.train.seq_len = 128
   assert not np.array_equal(pipeline.train_example(c, 0, 0)["inputs"], a[0]["inputs"][0])
+
+
+def test_curriculum_pads_short_steps_then_full_length():
+  c = _config(mqar=1.0, variable_tracking_h2=1.0)
+  c.train.seq_len = 128
+  c.data.curriculum = ((2, 64),)
+  batches = _take(pipeline.make_train_iterator(c, seed=0), 3)
+  for step, b in enumerate(batches):
+    assert b["inputs"].shape == (8, 128)
+    real = b["lm_mask"].sum(1)
+    if step < 2:  # generated at 64 tokens, then PAD with zero masks
+      assert real.max() <= 64 and b["loss_mask"][:, 64:].sum() == 0 and (b["inputs"][:, 64:] == PAD).all()
+    else:
+      assert real.min() > 120
+  np.testing.assert_array_equal(batches[1]["inputs"][3], pipeline.train_example(c, 0, 8 + 3)["inputs"])
+  assert pipeline.content_length(c.data.curriculum, 1, 128) == 64
+  assert pipeline.content_length(c.data.curriculum, 2, 128) == 128
+  c.data.curriculum = ((2, 64), (1, 96))
+  with pytest.raises(ValueError, match="curriculum"):
+    pipeline.make_train_iterator(c, seed=0)

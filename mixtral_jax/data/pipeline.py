@@ -4,7 +4,10 @@ Example g of the global train stream is a pure function of (seed, g): its source
 config.data.tasks weights and its content generated with `default_rng([seed, 0, g])`. Process
 `shard_index` of `shard_count` reads, for step s, the global examples
   s * B + shard_index * b + r,   r < b = B // shard_count   (B = config.train.batch_size),
-so the shards are disjoint slices of one global batch. Random access by index means the iterator
+so the shards are disjoint slices of one global batch. With config.data.curriculum (pairs
+(until_step, length), ascending), the examples of step s are generated at the length of the first
+pair with s < until_step (seq_len after the last) and padded to seq_len: the batch shape, hence the
+compiled step, never changes. Random access by index means the iterator
 state is just grain's `{"next_index": steps_done}` (JSON), and set_state() resumes exactly.
 """
 from __future__ import annotations
@@ -54,12 +57,39 @@ def task_names() -> list[str]:
   return list(tasks_lib.TASKS) + [TEXT]
 
 
-def _example(index: int, *, seed: int, seq_len: int, names, probs, text: TextDataset | None):
+def content_length(curriculum, step: int, seq_len: int) -> int:
+  """Length the examples of `step` are generated at: see the module docstring."""
+  for until, length in curriculum or ():
+    if step < until:
+      return min(int(length), seq_len)
+  return seq_len
+
+
+def _check_curriculum(curriculum, seq_len: int):
+  prev = -1
+  for pair in curriculum or ():
+    if len(pair) != 2 or pair[0] <= prev or not tasks_lib.MIN_SEQ_LEN <= pair[1] <= seq_len:
+      raise ValueError(f"config.data.curriculum: {pair!r} is not (until_step, length) with "
+                       f"ascending steps and {tasks_lib.MIN_SEQ_LEN} <= length <= seq_len={seq_len}")
+    prev = pair[0]
+
+
+def _pad(example, seq_len: int):
+  """Pads a shorter example with PAD and zero masks (PAD == 0) to seq_len."""
+  out = {}
+  for k, v in example.items():
+    out[k] = v if v.ndim == 0 else np.pad(v, (0, seq_len - len(v)))
+  return out
+
+
+def _example(index: int, *, seed: int, seq_len: int, names, probs, text: TextDataset | None,
+             curriculum=(), global_batch: int = 1):
   rng = np.random.default_rng([seed, TRAIN_STREAM, int(index)])
   name = names[rng.choice(len(names), p=probs)] if len(names) > 1 else names[0]
+  length = content_length(curriculum, int(index) // global_batch, seq_len)
   if name == TEXT:
-    return text.train_example(rng, seq_len)
-  return tasks_lib.TASKS[name](rng, seq_len)
+    return _pad(text.train_example(rng, length), seq_len)
+  return _pad(tasks_lib.TASKS[name](rng, length), seq_len)
 
 
 def _global_index(j: int, *, global_batch: int, local_batch: int, shard_index: int) -> int:
@@ -72,8 +102,9 @@ def train_example(config, seed: int, index: int, text: TextDataset | None = None
   names, probs = mixture(config.data)
   if TEXT in names and text is None:
     text = TextDataset(config.data.text_files)
+  curriculum = tuple(tuple(p) for p in (config.data.get("curriculum", ()) or ()))
   return _example(index, seed=seed, seq_len=config.train.seq_len, names=names, probs=probs,
-                  text=text)
+                  text=text, curriculum=curriculum, global_batch=config.train.batch_size)
 
 
 def make_train_iterator(config, *, seed: int, shard_index: int = 0, shard_count: int = 1):
@@ -98,12 +129,15 @@ def make_train_iterator(config, *, seed: int, shard_index: int = 0, shard_count:
   if TEXT in names:
     Tokenizer("bytes", vocab_size)
     text = TextDataset(config.data.text_files)
+  curriculum = tuple(tuple(p) for p in (config.data.get("curriculum", ()) or ()))
+  _check_curriculum(curriculum, config.train.seq_len)
   local_batch = global_batch // shard_count
   ds = grain.MapDataset.range(_INFINITE)
   ds = ds.map(functools.partial(_global_index, global_batch=global_batch,
                                 local_batch=local_batch, shard_index=shard_index))
   ds = ds.map(functools.partial(_example, seed=seed, seq_len=config.train.seq_len, names=names,
-                                probs=probs, text=text))
+                                probs=probs, text=text, curriculum=curriculum,
+                                global_batch=global_batch))
   ds = ds.batch(local_batch, drop_remainder=True)
   threads = max(1, int(config.data.get("num_workers", 0) or 0))
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)

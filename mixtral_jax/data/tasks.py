@@ -13,6 +13,7 @@ teacher-forced greedy scoring (`score`) reads the logits at the positions where 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -26,6 +27,9 @@ MULTI_NEEDLES = 4       # RULER niah_multivalue / niah_multiquery: 4 values / 4 
 VT_HOPS = 4             # RULER: one chain = 1 + hops variables
 TOP_WORDS = 3           # cwe / fwe: how many most-frequent words are asked for
 FWE_ALPHA = 2.0         # RULER fwe: Zipf exponent of the word distribution
+MQAR_FAR_START = 0.5    # mqar_far: every query in the last half of the query region
+VT_MAX_CHAINS = 8       # multi-hop variable tracking: chains (= queries) per example, at most
+VT_LEVEL_SPAN = 0.2     # multi-hop variable tracking: level i fills the first fifth of region i
 
 Example = dict[str, np.ndarray]
 
@@ -66,12 +70,15 @@ def _check_len(seq_len: int):
     raise ValueError(f"seq_len: {seq_len} is shorter than the minimum {MIN_SEQ_LEN}")
 
 
-def mqar(rng, seq_len: int) -> Example:
+def mqar(rng, seq_len: int, *, far: float = 0.0, name: str = "mqar") -> Example:
   """Multi-query associative recall (Zoology).
 
   `BOS k1 v1 ... kN vN` then a query region of WORDS noise where each key reappears once, at
   power-law distributed gaps, followed by its value (the answer). N = clip(seq_len // 16, 2, 64):
   8 pairs at 128, 64 from 1024 on (then only the gaps grow). Values are drawn with replacement.
+  far > 0: the queries are spread uniformly over the last (1 - far) of the query region instead,
+  so every query is at least ~far * seq_len tokens after its pair (mqar_far: beyond any window
+  shorter than seq_len / 2).
   """
   _check_len(seq_len)
   n = int(np.clip(seq_len // 16, 2, len(KEYS)))
@@ -80,13 +87,21 @@ def mqar(rng, seq_len: int) -> Example:
   ctx = np.concatenate([[BOS], np.stack([keys, vals], 1).reshape(-1)]).astype(np.int32)
   region = rng.choice(WORDS, size=seq_len + 1 - len(ctx)).astype(np.int32)
   slots = len(region) // 2
-  p = np.arange(1, slots + 1, dtype=np.float64) ** (MQAR_POWER_A - 1)
+  if far:
+    p = (np.arange(slots) >= int(far * slots)).astype(np.float64)
+  else:
+    p = np.arange(1, slots + 1, dtype=np.float64) ** (MQAR_POWER_A - 1)
   gaps = rng.choice(slots, n, replace=False, p=p / p.sum())
   order = rng.permutation(n)
   region[2 * gaps] = keys[order]
   region[2 * gaps + 1] = vals[order]
   return _finish(np.concatenate([ctx, region]), np.sort(len(ctx) + 2 * gaps + 1), seq_len,
-                 TASK_IDS["mqar"])
+                 TASK_IDS[name])
+
+
+def mqar_far(rng, seq_len: int) -> Example:
+  """MQAR with every query in the last half of the query region (see `mqar`'s `far`)."""
+  return mqar(rng, seq_len, far=MQAR_FAR_START, name="mqar_far")
 
 
 def _niah(rng, seq_len: int, name: str, num_keys: int, values_per_key: int,
@@ -162,6 +177,59 @@ def variable_tracking(rng, seq_len: int) -> Example:
                  TASK_IDS["variable_tracking"])
 
 
+def _place(rng, span: int, n: int, seg_len: int) -> np.ndarray:
+  """Sorted start offsets of n non-overlapping seg_len-token segments inside [0, span)."""
+  cuts = np.sort(rng.integers(0, span - n * seg_len + 1, size=n))
+  return cuts + seg_len * np.arange(n)
+
+
+def vt_chains(seq_len: int) -> int:
+  """Chains (and queries) per multi-hop variable-tracking example: 2 at 256, 8 from 1024 on."""
+  return int(np.clip(seq_len // 128, 2, VT_MAX_CHAINS))
+
+
+def variable_tracking_hops(rng, seq_len: int, hops: int) -> Example:
+  """Multi-hop variable tracking: each answer needs `hops` chained lookups in one forward pass.
+
+  C = vt_chains(seq_len) chains of `hops` variables (names from KEYS, values
+  from VALUES, all distinct): `VAR x0 = val`, `VAR x1 = x0`, ..., `VAR x{hops-1} = x{hops-2}`.
+  Then one query per chain, in random order: `QUERY x{hops-1} ANSWER val` (val is the answer).
+  Unlike `variable_tracking` (teacher forced, every answer token is one lookup), the answer
+  token here is reached only by following the whole chain back to its value.
+
+  Distances are controlled: the body (everything before the queries, length Lb) is cut into
+  `hops` regions of R = Lb // hops tokens; the level-i statements of all chains sit in the first
+  VT_LEVEL_SPAN of region i, so consecutive links of a chain are >= (1 - VT_LEVEL_SPAN) * R - 4
+  tokens apart, and the last link is >= that far from the queries. At 2048 tokens: >= 400 tokens
+  at 4 hops, >= 1600 at 1 hop; k stacked windowed layers of window W bridge only k * (W - 1)
+  (3 x 127 = 381 for the 3 : 1 hybrid at W = 128), so they cannot join two links locally.
+  """
+  _check_len(seq_len)
+  name = f"variable_tracking_h{hops}"
+  if name not in TASKS:
+    raise ValueError(f"hops: {hops} has no registered task; expected 1..{VT_HOPS}")
+  n_chains = vt_chains(seq_len)
+  names = rng.choice(KEYS, n_chains * hops, replace=False).reshape(n_chains, hops)
+  vals = rng.choice(VALUES, n_chains, replace=False)
+  tail, answer_off = [], []
+  for c in rng.permutation(n_chains):
+    tail += [QUERY, names[c, -1], ANSWER]
+    answer_off.append(len(tail))
+    tail.append(vals[c])
+  tail.append(EOS)
+  body_len = seq_len + 1 - 1 - len(tail)
+  body = rng.choice(WORDS, size=body_len).astype(np.int32)
+  region = body_len // hops
+  span = max(4 * n_chains, int(region * VT_LEVEL_SPAN))
+  for level in range(hops):
+    starts = level * region + _place(rng, span, n_chains, 4)
+    for c, o in zip(rng.permutation(n_chains), starts):
+      body[o:o + 4] = [VAR, names[c, level], EQ, vals[c] if level == 0 else names[c, level - 1]]
+  tokens = np.concatenate([[BOS], body, tail])
+  start = 1 + body_len
+  return _finish(tokens, [start + o for o in answer_off], seq_len, TASK_IDS[name])
+
+
 def _word_list(counts: np.ndarray, words: np.ndarray, rng, seq_len: int, name: str) -> Example:
   """`BOS w... QUERY ANSWER a1..aK EOS`: words repeated `counts` times, shuffled.
 
@@ -228,6 +296,10 @@ TASKS: dict[str, Callable[[np.random.Generator, int], Example]] = {
     "variable_tracking": variable_tracking,
     "common_words": common_words,
     "frequent_words": frequent_words,
+    # Appended, so the ids of the tasks above do not move.
+    "mqar_far": mqar_far,
+    **{f"variable_tracking_h{h}": functools.partial(variable_tracking_hops, hops=h)
+       for h in range(1, VT_HOPS + 1)},
 }
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
 TEXT_TASK_ID = len(TASKS)  # byte-level text examples (text.py)
