@@ -78,6 +78,17 @@ def test_block_scores_and_selection_match_msa(name, impl):
                                 _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos))
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_selection_in_query_chunks(monkeypatch, impl):
+  # Long sequences score and select a chunk of queries per step (traced query offset).
+  from mixtral_jax.kernels.msa_attention import api
+  q, k, v, q_idx, k_idx, do, cfg, q_pos, k_pos = _inputs(CASES["prefill_S_gt_T"])
+  monkeypatch.setattr(api, "SCORE_BYTES", 1)
+  np.testing.assert_array_equal(
+      common.block_mask_from_indices(_select(q_idx, k_idx, cfg, impl), 44 // 8 + 1),
+      _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos))
+
+
 def test_select_blocks_equals_model_select_blocks():
   scores = jax.random.normal(jax.random.key(3), (2, 3, 40, 5))
   q_pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
@@ -92,6 +103,17 @@ def test_select_blocks_equals_model_select_blocks():
 @pytest.mark.parametrize("impl", ["xla"] + KERNELS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_attention_and_grads_match_msa(name, impl):
+  _check_attention(name, impl)
+
+
+def test_attention_split_into_head_chunks(monkeypatch):
+  # Long sequences run the kernels one (kv head, head chunk) at a time; force one head per step.
+  from mixtral_jax.kernels.msa_attention import api
+  monkeypatch.setattr(api, "UNIT_BYTES", 1)
+  _check_attention("ragged_T_gqa3_local2", "pallas_tpu")
+
+
+def _check_attention(name, impl):
   q, k, v, q_idx, k_idx, do, cfg, q_pos, k_pos = _inputs(CASES[name])
   mask = _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos)
   indices = _select(q_idx, k_idx, cfg, "xla")

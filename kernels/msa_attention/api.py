@@ -101,25 +101,32 @@ def _check_qkv(q, k, v, indices):
     raise ValueError(f"indices must be integer, got {indices.dtype}")
 
 
-def msa_block_scores(q_idx_BTKI, k_idx_BSI, *, block_size: int, implementation=None,
-                     interpret=False, block_sizes: BlockSizes = BlockSizes()):
+SCORE_BYTES = 2 ** 31  # f32 block scores [B, K, T, C] of one selection step (T = 1M: 268 GB)
+
+
+def msa_block_scores(q_idx_BTKI, k_idx_BSI, *, block_size: int, q_offset=None,
+                     implementation=None, interpret=False, block_sizes: BlockSizes = BlockSizes()):
   """float32 [B, K, T, C]: max over each key block's keys at positions <= the query of
-  q_idx . k_idx (-inf for blocks wholly in the future). Not differentiable (selection is discrete)."""
+  q_idx . k_idx (-inf for blocks wholly in the future). Query i sits at position i + q_offset
+  (default S - T; traced is fine). Not differentiable (the selection is discrete)."""
   _check_blocks(block_size)
   _check_index(q_idx_BTKI, k_idx_BSI)
   chosen = _resolve(implementation, "msa_block_scores")
   q_idx_BTKI, k_idx_BSI = jax.lax.stop_gradient(q_idx_BTKI), jax.lax.stop_gradient(k_idx_BSI)
+  if q_offset is None:
+    q_offset = k_idx_BSI.shape[1] - q_idx_BTKI.shape[1]
   if chosen != "xla":
     try:
       chunk = max(block_size, block_sizes.scores_chunk // block_size * block_size)
       return _module(chosen).block_scores(
-          q_idx_BTKI, k_idx_BSI, block_size=block_size, block_q=block_sizes.scores_q,
-          key_chunk=chunk, interpret=interpret)
+          q_idx_BTKI, k_idx_BSI, jnp.asarray(q_offset, jnp.int32), block_size=block_size,
+          block_q=block_sizes.scores_q, key_chunk=chunk, interpret=interpret)
     except ValueError as err:
       if implementation is not None:
         raise
       _fallback("msa_block_scores", chosen, err)
-  return reference.block_scores_reference(q_idx_BTKI, k_idx_BSI, block_size=block_size)
+  return reference.block_scores_reference(q_idx_BTKI, k_idx_BSI, block_size=block_size,
+                                          q_offset=q_offset)
 
 
 def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_blocks: int = 1,
@@ -127,20 +134,36 @@ def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_bloc
                block_sizes: BlockSizes = BlockSizes()):
   """Index lists int32 [B, K, T, min(top_k, C)] (-1 = empty): `msa.msa_block_mask`'s choice.
 
-  selection 'max_heads' takes the max over the K index heads before one shared top-k.
+  selection 'max_heads' takes the max over the K index heads before one shared top-k. Long
+  sequences score and select a chunk of queries at a time (SCORE_BYTES of block scores per step).
   """
   _check_blocks(block_size, top_k, local_blocks)
+  _check_index(q_idx_BTKI, k_idx_BSI)
   if selection not in SELECTIONS:
     raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-  scores_BKTC = msa_block_scores(q_idx_BTKI, k_idx_BSI, block_size=block_size,
-                                 implementation=implementation, interpret=interpret,
-                                 block_sizes=block_sizes)
-  kh = scores_BKTC.shape[1]
-  if selection == "max_heads":
-    scores_BKTC = scores_BKTC.max(axis=1, keepdims=True)
-  indices = reference.select_blocks(scores_BKTC, block_size=block_size, top_k=top_k,
-                                    local_blocks=local_blocks, num_keys=k_idx_BSI.shape[1])
-  return jnp.broadcast_to(indices, (indices.shape[0], kh) + indices.shape[2:])
+  b, t, kh, _ = q_idx_BTKI.shape
+  s = k_idx_BSI.shape[1]
+  c = -(-s // block_size)
+
+  def select(q_chunk, q_offset):
+    scores_BKTC = msa_block_scores(q_chunk, k_idx_BSI, block_size=block_size, q_offset=q_offset,
+                                   implementation=implementation, interpret=interpret,
+                                   block_sizes=block_sizes)
+    if selection == "max_heads":
+      scores_BKTC = scores_BKTC.max(axis=1, keepdims=True)
+    indices = reference.select_blocks(scores_BKTC, block_size=block_size, top_k=top_k,
+                                      local_blocks=local_blocks, num_keys=s, q_offset=q_offset)
+    return jnp.broadcast_to(indices, (b, kh) + indices.shape[2:])
+
+  tq = block_sizes.scores_q
+  step = max(tq, SCORE_BYTES // (b * kh * c * 4) // tq * tq)
+  if step >= t:
+    return select(q_idx_BTKI, s - t)
+  n = -(-t // step)
+  q_ = jnp.pad(q_idx_BTKI, ((0, 0), (0, n * step - t), (0, 0), (0, 0)))
+  q_ = jnp.moveaxis(q_.reshape(b, n, step, kh, -1), 1, 0)
+  out = jax.lax.map(lambda a: select(a[1], a[0] * step + s - t), (jnp.arange(n), q_))
+  return jnp.moveaxis(out, 0, 2).reshape(b, kh, n * step, -1)[:, :, :t]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,23 +193,54 @@ def _keys(x_BSKH, block_size):
   return jnp.pad(x, ((0, 0), (0, -s % block_size), (0, 0)))
 
 
+UNIT_BYTES = 2 ** 32  # f32 partial outputs of one scan step: heads of a group split to fit
+
+
+def _head_chunks(groups, length, h):
+  """Heads per scan step: the largest divisor of G whose f32 row partials fit UNIT_BYTES."""
+  fits = [d for d in range(1, groups + 1) if groups % d == 0 and d * length * h * 4 <= UNIT_BYTES]
+  return max(fits, default=1)
+
+
+def _units(x_RGTH, per):
+  """[R, G, T, H] -> [R * G/per, per, T, H]: one scan step per (kv-head row, head chunk)."""
+  r, g, t, h = x_RGTH.shape
+  return x_RGTH.reshape(r * (g // per), per, t, h)
+
+
+def _row(rt, pos, u, chunks):
+  """Routing of the kv-head row of unit u, as one-row arrays."""
+  r = u // chunks
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, axis=0)
+  return routing_lib.Routing(*(take(x) for x in rt)), take(pos)
+
+
 def _sparse_fwd(q, k, v, indices, st):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   c = -(-s // st.block_size)
   rt = routing_lib.make_routing(indices.astype(jnp.int32), c, st.rows)
   pos = jnp.where(rt.row_query >= 0, rt.row_query + s - t, -1)[:, None, :]
-  q_rows = routing_lib.to_rows(_merge(q, kh), rt)
-  o_rows, lse_rows = _module(st.implementation).sparse_forward(
-      q_rows, _keys(k, st.block_size), _keys(v.astype(k.dtype), st.block_size), pos,
-      rt.tile_block, rt.tile_count, rows=st.rows, block_size=st.block_size, sm_scale=st.sm_scale,
-      interpret=st.interpret)
-  o_part = routing_lib.from_rows(o_rows, rt)                             # [R, G, T, k, H]
-  lse_part = routing_lib.from_rows(jnp.swapaxes(lse_rows, 2, 3), rt, fill=-jnp.inf)
-  lse = jax.nn.logsumexp(lse_part, axis=-2)                              # [R, G, T, 1]
-  w = jnp.where(jnp.isfinite(lse[..., None, :]), jnp.exp(lse_part - lse[..., None, :]), 0.0)
-  o = _split((w * o_part).sum(axis=-2), b).astype(q.dtype)
-  return o, (q, k, v, o, lse, pos, rt)
+  per = _head_chunks(n // kh, rt.row_query.shape[1], h)
+  chunks = n // kh // per
+  k_, v_ = _keys(k, st.block_size), _keys(v.astype(k.dtype), st.block_size)
+
+  def unit(u, q_1GTH):
+    rt1, pos1 = _row(rt, pos, u, chunks)
+    o_rows, lse_rows = _module(st.implementation).sparse_forward(
+        routing_lib.to_rows(q_1GTH[None], rt1), k_[u // chunks][None], v_[u // chunks][None],
+        pos1, rt1.tile_block, rt1.tile_count, rows=st.rows, block_size=st.block_size,
+        sm_scale=st.sm_scale, interpret=st.interpret)
+    o_part = routing_lib.from_rows(o_rows, rt1)                          # [1, G', T, k, H]
+    lse_part = routing_lib.from_rows(jnp.swapaxes(lse_rows, 2, 3), rt1, fill=-jnp.inf)
+    lse = jax.nn.logsumexp(lse_part, axis=-2)                            # [1, G', T, 1]
+    w = jnp.where(jnp.isfinite(lse[..., None, :]), jnp.exp(lse_part - lse[..., None, :]), 0.0)
+    return (w * o_part).sum(axis=-2)[0].astype(q.dtype), lse[0]
+
+  q_u = _units(_merge(q, kh), per)
+  o_u, lse_u = jax.lax.map(lambda a: unit(*a), (jnp.arange(q_u.shape[0]), q_u))
+  o = _split(o_u.reshape(b * kh, n // kh, t, h), b)
+  return o, (q, k, v, o, lse_u, pos, rt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -195,26 +249,39 @@ def _sparse_kernel(q, k, v, indices, st):
 
 
 def _sparse_bwd(st, res, do):
-  q, k, v, o, lse, pos, rt = res
+  q, k, v, o, lse_u, pos, rt = res
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   c = -(-s // st.block_size)
-  do_ = _merge(do.astype(q.dtype), kh)
-  di = jnp.sum(_merge(o, kh).astype(jnp.float32) * do_.astype(jnp.float32), -1, keepdims=True)
-  lane_rows = lambda x: jnp.swapaxes(routing_lib.to_rows(x, rt), 2, 3)  # [R, G, T, 1] -> [R, G, 1, L]
-  dq_rows, dk, dv = _module(st.implementation).sparse_backward(
-      routing_lib.to_rows(_merge(q, kh), rt), _keys(k, st.block_size),
-      _keys(v.astype(k.dtype), st.block_size), pos, routing_lib.to_rows(do_, rt),
-      lane_rows(jnp.where(jnp.isfinite(lse), lse, 0.0)), lane_rows(di), rt.tile_block,
-      rt.tile_count, rows=st.rows, block_size=st.block_size, sm_scale=st.sm_scale,
-      interpret=st.interpret)
-  dq = _split(routing_lib.from_rows(dq_rows, rt).sum(axis=-2), b).astype(q.dtype)
-  seen = jnp.repeat(routing_lib.visited_blocks(rt, c), st.block_size, axis=1)[:, :, None]
+  per = lse_u.shape[1]
+  chunks = n // kh // per
+  k_, v_ = _keys(k, st.block_size), _keys(v.astype(k.dtype), st.block_size)
+  do_u = _units(_merge(do.astype(q.dtype), kh), per)
+  di_u = jnp.sum(_units(_merge(o, kh), per).astype(jnp.float32) * do_u.astype(jnp.float32), -1,
+                 keepdims=True)
 
-  def kv_grad(x, like):
-    x = jnp.where(seen, x, 0.0)[:, :s].reshape(b, kh, s, h)
+  def unit(u, q_1GTH, do_1GTH, lse_GT1, di_GT1):
+    rt1, pos1 = _row(rt, pos, u, chunks)
+    lane_rows = lambda x: jnp.swapaxes(routing_lib.to_rows(x[None], rt1), 2, 3)  # -> [1, G', 1, L]
+    dq_rows, dk, dv = _module(st.implementation).sparse_backward(
+        routing_lib.to_rows(q_1GTH[None], rt1), k_[u // chunks][None], v_[u // chunks][None], pos1,
+        routing_lib.to_rows(do_1GTH[None], rt1),
+        lane_rows(jnp.where(jnp.isfinite(lse_GT1), lse_GT1, 0.0)), lane_rows(di_GT1),
+        rt1.tile_block, rt1.tile_count, rows=st.rows, block_size=st.block_size,
+        sm_scale=st.sm_scale, interpret=st.interpret)
+    dq = routing_lib.from_rows(dq_rows, rt1).sum(axis=-2)[0].astype(q.dtype)
+    seen = jnp.repeat(routing_lib.visited_blocks(rt1, c), st.block_size, axis=1)[:, :, None]
+    return dq, jnp.where(seen, dk, 0.0)[0], jnp.where(seen, dv, 0.0)[0]
+
+  q_u = _units(_merge(q, kh), per)
+  dq_u, dk_u, dv_u = jax.lax.map(lambda a: unit(*a),
+                                 (jnp.arange(q_u.shape[0]), q_u, do_u, lse_u, di_u))
+  dq = _split(dq_u.reshape(b * kh, n // kh, t, h), b)
+
+  def kv_grad(x, like):  # [R * chunks, Sp, H] -> sum over head chunks -> [B, S, K, H]
+    x = x.reshape(b, kh, chunks, -1, h).sum(axis=2)[:, :, :s]
     return jnp.swapaxes(x, 1, 2).astype(like.dtype)
-  return dq, kv_grad(dk, k), kv_grad(dv, v), None
+  return dq, kv_grad(dk_u, k), kv_grad(dv_u, v), None
 
 
 _sparse_kernel.defvjp(_sparse_fwd, _sparse_bwd)

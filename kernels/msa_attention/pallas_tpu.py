@@ -33,8 +33,9 @@ def _dot(a, b, dims=_NN):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _scores_kernel(q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys, offset):
+def _scores_kernel(off_ref, q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys):
   i, j = pl.program_id(2), pl.program_id(3)
+  offset = off_ref[0]
   last_q = i * bq + bq - 1 + offset
   m = chunk // block_size
 
@@ -52,8 +53,10 @@ def _scores_kernel(q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys, offs
     o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
 
 
-def block_scores(q_idx_BTKI, k_idx_BSI, *, block_size, block_q, key_chunk, interpret=False):
-  """Block max index scores [B, K, T, C] f32 (see reference.block_scores_reference)."""
+def block_scores(q_idx_BTKI, k_idx_BSI, q_offset, *, block_size, block_q, key_chunk,
+                 interpret=False):
+  """Block max index scores [B, K, T, C] f32 (see reference.block_scores_reference); query i at
+  position i + q_offset (an int32 scalar, traced is fine)."""
   b, t, kh, di = q_idx_BTKI.shape
   s = k_idx_BSI.shape[1]
   c = -(-s // block_size)
@@ -61,25 +64,27 @@ def block_scores(q_idx_BTKI, k_idx_BSI, *, block_size, block_q, key_chunk, inter
   tp, sp = -(-t // block_q) * block_q, -(-s // chunk) * chunk
   q_ = jnp.pad(jnp.swapaxes(q_idx_BTKI, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
   k_ = jnp.pad(k_idx_BSI, ((0, 0), (0, sp - s), (0, 0))).astype(q_.dtype)
-  nq, nc, offset = tp // block_q, sp // chunk, s - t
+  nq, nc = tp // block_q, sp // chunk
 
-  def k_map(b_, h_, i, j):  # chunks past the tile's last query re-address the last needed one
-    return b_, jnp.minimum(j, (i * block_q + block_q - 1 + offset) // chunk), 0
+  def k_map(b_, h_, i, j, off):  # chunks past the tile's last query re-address the last needed one
+    return b_, jnp.clip((i * block_q + block_q - 1 + off[0]) // chunk, 0, j), 0
 
   out = pl.pallas_call(
       functools.partial(_scores_kernel, bq=block_q, chunk=chunk, block_size=block_size,
-                        num_keys=s, offset=offset),
-      grid=(b, kh, nq, nc),
-      in_specs=[pl.BlockSpec((None, None, block_q, di), lambda b_, h_, i, j: (b_, h_, i, 0)),
-                pl.BlockSpec((None, chunk, di), k_map)],
-      out_specs=pl.BlockSpec((None, None, chunk // block_size, block_q),
-                             lambda b_, h_, i, j: (b_, h_, j, i)),
+                        num_keys=s),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(b, kh, nq, nc),
+          in_specs=[pl.BlockSpec((None, None, block_q, di),
+                                 lambda b_, h_, i, j, off: (b_, h_, i, 0)),
+                    pl.BlockSpec((None, chunk, di), k_map)],
+          out_specs=pl.BlockSpec((None, None, chunk // block_size, block_q),
+                                 lambda b_, h_, i, j, off: (b_, h_, j, i))),
       out_shape=jax.ShapeDtypeStruct((b, kh, sp // block_size, tp), jnp.float32),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="msa_block_scores",
-  )(q_, k_)
+  )(jnp.reshape(q_offset, (1,)).astype(jnp.int32), q_, k_)
   return jnp.swapaxes(out[:, :, :c, :t], 2, 3)
 
 

@@ -47,8 +47,9 @@ def check_supported(q, k, block_size, rows, interpret):
                      "overflow shared memory; use bf16 or smaller tiles")
 
 
-def _scores_kernel(q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys, offset):
+def _scores_kernel(off_ref, q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys):
   i, j = pl.program_id(0), pl.program_id(2)
+  offset = off_ref[0]
   m = chunk // block_size
   last_q = i * bq + bq - 1 + offset
 
@@ -68,8 +69,10 @@ def _scores_kernel(q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys, offs
     o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
 
 
-def block_scores(q_idx_BTKI, k_idx_BSI, *, block_size, block_q, key_chunk, interpret=False):
-  """Block max index scores [B, K, T, C] f32 (see reference.block_scores_reference)."""
+def block_scores(q_idx_BTKI, k_idx_BSI, q_offset, *, block_size, block_q, key_chunk,
+                 interpret=False):
+  """Block max index scores [B, K, T, C] f32 (see reference.block_scores_reference); query i at
+  position i + q_offset (an int32 scalar, traced is fine)."""
   b, t, kh, di = q_idx_BTKI.shape
   s = k_idx_BSI.shape[1]
   if not interpret:
@@ -82,19 +85,19 @@ def block_scores(q_idx_BTKI, k_idx_BSI, *, block_size, block_q, key_chunk, inter
   tp, sp = -(-t // block_q) * block_q, -(-s // chunk) * chunk
   q_ = _pad_last(jnp.pad(q_idx_BTKI, ((0, 0), (0, tp - t), (0, 0), (0, 0))), dp)
   k_ = _pad_last(jnp.pad(k_idx_BSI, ((0, 0), (0, sp - s), (0, 0))), dp).astype(q_.dtype)
-  nq, nc, offset = tp // block_q, sp // chunk, s - t
+  nq, nc = tp // block_q, sp // chunk
   m = chunk // block_size
   out = pl.pallas_call(
       functools.partial(_scores_kernel, bq=block_q, chunk=chunk, block_size=block_size,
-                        num_keys=s, offset=offset),
+                        num_keys=s),
       grid=(nq, b * kh, nc),
-      in_specs=[pl.BlockSpec((None, block_q, None, dp), lambda i, r, j: (r // kh, i, r % kh, 0)),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec((None, block_q, None, dp), lambda i, r, j: (r // kh, i, r % kh, 0)),
                 pl.BlockSpec((None, chunk, dp), lambda i, r, j: (r // kh, j, 0))],
       out_specs=pl.BlockSpec((None, m, block_q), lambda i, r, j: (r, j, i)),
       out_shape=jax.ShapeDtypeStruct((b * kh, nc * m, tp), jnp.float32),
       interpret=interpret,
       name="msa_block_scores_triton",
-  )(q_, k_)
+  )(jnp.reshape(q_offset, (1,)).astype(jnp.int32), q_, k_)
   return jnp.swapaxes(out.reshape(b, kh, nc * m, tp)[:, :, :c, :t], 2, 3)
 
 

@@ -45,13 +45,16 @@ def _unchunk(y, axis, t):
   return jax.lax.slice_in_dim(y, 0, t, axis=axis)
 
 
-def block_scores_reference(q_idx_BTKI, k_idx_BSI, *, block_size: int, chunk: int = 256):
+def block_scores_reference(q_idx_BTKI, k_idx_BSI, *, block_size: int, chunk: int = 256,
+                           q_offset=None):
   """Block max of the index scores q_idx . k_idx over each block's keys at positions <= the query.
 
-  Returns float32 [B, K, T, C], C = ceil(S / block_size); -inf for blocks wholly in the future.
+  Query i sits at position i + q_offset (default S - T; a traced scalar is fine). Returns float32
+  [B, K, T, C], C = ceil(S / block_size); -inf for blocks wholly in the future.
   """
   b, t, kh, _ = q_idx_BTKI.shape
   s = k_idx_BSI.shape[1]
+  q_offset = s - t if q_offset is None else q_offset
   c = -(-s // block_size)
   k_f32 = k_idx_BSI.astype(jnp.float32)
   k_pos = jnp.arange(c * block_size)
@@ -59,7 +62,7 @@ def block_scores_reference(q_idx_BTKI, k_idx_BSI, *, block_size: int, chunk: int
   def one(start, q_BtKI):
     s_BKtS = jnp.einsum("BTKI,BSI->BKTS", q_BtKI.astype(jnp.float32), k_f32)
     s_BKtS = _pad_axis(s_BKtS, block_size, axis=-1, value=-jnp.inf)
-    q_pos = start + jnp.arange(q_BtKI.shape[1]) + s - t
+    q_pos = start + jnp.arange(q_BtKI.shape[1]) + q_offset
     s_BKtS = jnp.where(k_pos[None, :] <= q_pos[:, None], s_BKtS, -jnp.inf)
     return s_BKtS.reshape(b, kh, -1, c, block_size).max(axis=-1)
 
@@ -68,17 +71,19 @@ def block_scores_reference(q_idx_BTKI, k_idx_BSI, *, block_size: int, chunk: int
 
 
 def select_blocks(scores_BKTC, *, block_size: int, top_k: int, local_blocks: int = 1,
-                  num_keys: int | None = None):
+                  num_keys: int | None = None, q_offset=None):
   """Top-k key blocks per query row: `mixtral_jax.model.attention.common.select_blocks` semantics.
 
   The `local_blocks` blocks ending at the query's own block are forced (+inf); blocks whose score
-  is -inf are never selected. Query i sits at position i + num_keys - T (num_keys defaults to
-  C * block_size... pass S when S is not a multiple of block_size). Returns int32 [B, K, T, k],
+  is -inf are never selected. Query i sits at position i + q_offset, by default i + num_keys - T
+  (num_keys defaults to C * block_size: pass S when S is not a multiple of block_size; q_offset
+  may be traced). Returns int32 [B, K, T, k],
   k = min(top_k, C), -1 for unused slots.
   """
   t, c = scores_BKTC.shape[-2:]
   s = c * block_size if num_keys is None else num_keys
-  q_block_T = (jnp.arange(t) + s - t) // block_size
+  q_offset = s - t if q_offset is None else q_offset
+  q_block_T = (jnp.arange(t) + q_offset) // block_size
   local_TC = jnp.zeros((t, c), bool)
   for i in range(local_blocks):
     local_TC |= jnp.maximum(q_block_T - i, 0)[:, None] == jnp.arange(c)
