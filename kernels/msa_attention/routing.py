@@ -5,6 +5,16 @@ padding every block's run to a multiple of `rows` (the kernels' row tile) makes 
 to ONE key block: a kernel step then multiplies `rows` queries by that block's keys (an M = rows
 matmul on the tensor cores / MXU) instead of the G heads of a single query. Everything is jnp and
 traceable (the lists come from a top-k inside jit).
+
+Why KV-outer (per kv head, bf16, H = 128, block bs = 128, G = 6 query heads per kv head):
+- query-centric: per (query, slot) load K and V of one block (4 * bs * H bytes) for 4 * G * bs * H
+  FLOPs -> ~G = 6 FLOP/byte, and the matmul has only M = G rows (padded to 64 on a Hopper wgmma:
+  >= 90% of the tensor core idle).
+- KV-outer (this layout): a step loads one K/V block (4 * bs * H bytes) plus `rows` routed query rows
+  (2 * rows * H) and writes f32 partials (4 * rows * H + lse) for 4 * rows * bs * H FLOPs ->
+  4 * 128 * 128 / (4 * 128 + 6 * 128) ~ 50-85 FLOP/byte with M = rows = 128; the price is the
+  routed copy of q and the partial outputs (k x the size of q, bounded by scanning kv heads) and a
+  combine over the k slots. The GPU measurement (benchmarks/prefill.py) decides whether it wins.
 """
 from typing import NamedTuple
 
