@@ -1,0 +1,219 @@
+"""Triton-backend (portable GPU) MSA kernels: block-max index scores, routed sparse attention.
+
+Same contract and layouts as pallas_tpu.py (the routed rows of `routing.Routing`). Programs:
+- scores: one (query tile, batch * kv head, chunk of key blocks); per key block a [bq, I] x [I, bs]
+  matmul reduced to its row max; chunks wholly in the future store -inf without loading.
+- forward: one (row tile, batch * kv head, head of the group); the tile's key block loaded by index.
+- backward: one (key block, batch * kv head, head of the group) looping over that block's tiles
+  (consecutive in the routed layout), so dk/dv accumulate in registers and each dq row is written
+  by exactly one program (no atomics); dk/dv per query head, summed over the group by the caller.
+On a GPU block_size, rows and the score tiles must be powers of two >= 16; head dims are
+zero-padded to one.
+"""
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _dot(a, b, dims=_NN):
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _pow2(n):
+  return n > 0 and n & (n - 1) == 0
+
+
+def _pad_last(x, size):
+  return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+def check_supported(q, k, block_size, rows, interpret):
+  """ValueError where the compiled Triton path cannot run these shapes (interpret takes any)."""
+  if interpret:
+    return
+  for name, n in (("block_size", block_size), ("rows", rows)):
+    if not _pow2(n) or n < 16:
+      raise ValueError(f"pallas_triton: {name}={n} must be a power of two >= 16")
+  hp = pl.next_power_of_2(q.shape[-1])
+  if max(block_size, rows) * hp * q.dtype.itemsize > 32 * 1024:
+    raise ValueError(f"pallas_triton: tiles of {max(block_size, rows)} x {hp} in {q.dtype} "
+                     "overflow shared memory; use bf16 or smaller tiles")
+
+
+def _scores_kernel(off_ref, q_ref, k_ref, o_ref, *, bq, chunk, block_size, num_keys):
+  i, j = pl.program_id(0), pl.program_id(2)
+  offset = off_ref[0]
+  m = chunk // block_size
+  last_q = i * bq + bq - 1 + offset
+
+  @pl.when(j * chunk <= last_q)
+  def _compute():
+    q = q_ref[...]
+    q_pos = i * bq + offset + jnp.arange(bq)
+    for c in range(m):
+      first = j * chunk + c * block_size
+      s = _dot(q, k_ref[pl.ds(c * block_size, block_size), :], _NT)       # [bq, bs]
+      k_pos = first + jnp.arange(block_size)
+      s = jnp.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < num_keys), s, -jnp.inf)
+      o_ref[c, :] = jnp.max(s, axis=1)
+
+  @pl.when(j * chunk > last_q)
+  def _future():
+    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+
+def block_scores(q_idx_BTKI, k_idx_BSI, q_offset, *, block_size, block_q, key_chunk,
+                 interpret=False):
+  """Block max index scores [B, K, T, C] f32 (see reference.block_scores_reference); query i at
+  position i + q_offset (an int32 scalar, traced is fine)."""
+  b, t, kh, di = q_idx_BTKI.shape
+  s = k_idx_BSI.shape[1]
+  if not interpret:
+    for name, n in (("block_size", block_size), ("block_q", block_q), ("key_chunk", key_chunk)):
+      if not _pow2(n) or n < 16:
+        raise ValueError(f"pallas_triton: {name}={n} must be a power of two >= 16")
+  c = -(-s // block_size)
+  chunk = min(key_chunk, pl.next_power_of_2(c) * block_size)
+  dp = pl.next_power_of_2(di)
+  tp, sp = -(-t // block_q) * block_q, -(-s // chunk) * chunk
+  q_ = _pad_last(jnp.pad(q_idx_BTKI, ((0, 0), (0, tp - t), (0, 0), (0, 0))), dp)
+  k_ = _pad_last(jnp.pad(k_idx_BSI, ((0, 0), (0, sp - s), (0, 0))), dp).astype(q_.dtype)
+  nq, nc = tp // block_q, sp // chunk
+  m = chunk // block_size
+  out = pl.pallas_call(
+      functools.partial(_scores_kernel, bq=block_q, chunk=chunk, block_size=block_size,
+                        num_keys=s),
+      grid=(nq, b * kh, nc),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec((None, block_q, None, dp), lambda i, r, j: (r // kh, i, r % kh, 0)),
+                pl.BlockSpec((None, chunk, dp), lambda i, r, j: (r // kh, j, 0))],
+      out_specs=pl.BlockSpec((None, m, block_q), lambda i, r, j: (r, j, i)),
+      out_shape=jax.ShapeDtypeStruct((b * kh, nc * m, tp), jnp.float32),
+      interpret=interpret,
+      name="msa_block_scores_triton",
+  )(jnp.reshape(q_offset, (1,)).astype(jnp.int32), q_, k_)
+  return jnp.swapaxes(out.reshape(b, kh, nc * m, tp)[:, :, :c, :t], 2, 3)
+
+
+def _tile_scores(q, k_ref, pos, blk, *, block_size, sm_scale):
+  """Scores [rows, bs] of one tile against key block blk; -inf after each row's query."""
+  k = k_ref[pl.ds(blk * block_size, block_size), :]
+  s = _dot(q, k, _NT) * sm_scale
+  k_pos = blk * block_size + jnp.arange(block_size)
+  return jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf), k
+
+
+def _fwd_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, lse_ref, *, nt, block_size,
+                sm_scale):
+  j, r = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(j < cnt_ref[r])
+  def _step():
+    blk = blk_ref[r * nt + j]
+    s, _ = _tile_scores(q_ref[...], k_ref, pos_ref[...], blk, block_size=block_size,
+                        sm_scale=sm_scale)
+    m = jnp.max(s, axis=1)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    p = jnp.exp(s - m[:, None])
+    l = jnp.sum(p, axis=1)
+    empty = l == 0.0
+    p = p * jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))[:, None]
+    v = v_ref[pl.ds(blk * block_size, block_size), :]
+    o_ref[...] = _dot(p.astype(v.dtype), v)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _layouts(q_RGLH, k_RSH, pos_R1L):
+  hp = pl.next_power_of_2(q_RGLH.shape[-1])
+  return hp, _pad_last(q_RGLH, hp), _pad_last(k_RSH, hp), pos_R1L[:, 0, :]
+
+
+def sparse_forward(q_RGLH, k_RSH, v_RSH, pos_R1L, tile_block, tile_count, *, rows, block_size,
+                   sm_scale, interpret=False):
+  """Routed rows -> (partial out [R, G, L, H] f32, partial lse [R, G, 1, L] f32, -inf if empty)."""
+  n, groups, length, h = q_RGLH.shape
+  sp = k_RSH.shape[1]
+  nt = length // rows
+  hp, q_, k_, pos = _layouts(q_RGLH, k_RSH, pos_R1L)
+  row_spec = pl.BlockSpec((None, None, rows, hp), lambda j, r, g: (r, g, j, 0))
+  kv_spec = pl.BlockSpec((None, sp, hp), lambda j, r, g: (r, 0, 0))
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, nt=nt, block_size=block_size, sm_scale=sm_scale),
+      grid=(nt, n, groups),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), row_spec, kv_spec, kv_spec,
+                pl.BlockSpec((None, rows), lambda j, r, g: (r, j))],
+      out_specs=[row_spec, pl.BlockSpec((None, None, rows), lambda j, r, g: (r, g, j))],
+      out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
+                 jax.ShapeDtypeStruct((n, groups, length), jnp.float32)],
+      interpret=interpret,
+      name="msa_sparse_attention_fwd_triton",
+  )(tile_block.reshape(-1), tile_count, q_, k_, _pad_last(v_RSH, hp), pos)
+  return o[..., :h], lse[:, :, None, :]
+
+
+def _bwd_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, di_ref,
+                dq_ref, dk_ref, dv_ref, *, num_blocks, rows, block_size, sm_scale):
+  c, r = pl.program_id(0), pl.program_id(1)
+  first, count = first_ref[r * num_blocks + c], ntiles_ref[r * num_blocks + c]
+  k_pos = c * block_size + jnp.arange(block_size)
+  k = k_ref[...]
+  v = v_ref[...]
+
+  def body(tt, carry):
+    dk, dv = carry
+    sl = pl.ds((first + tt) * rows, rows)
+    q, do = q_ref[sl, :], do_ref[sl, :]
+    pos, lse, di = pos_ref[sl], lse_ref[sl], di_ref[sl]
+    s = _dot(q, k, _NT) * sm_scale
+    s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
+    p = jnp.exp(s - lse[:, None])                                       # [rows, bs]
+    dv = dv + _dot(p.T.astype(do.dtype), do)
+    ds = p * (_dot(do, v, _NT) - di[:, None])
+    dk = dk + _dot(ds.T.astype(q.dtype), q)
+    dq_ref[sl, :] = _dot(ds.astype(k.dtype), k) * sm_scale
+    return dk, dv
+
+  zeros = jnp.zeros((block_size, k.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+  dk_ref[...] = dk * sm_scale
+  dv_ref[...] = dv
+
+
+def sparse_backward(q_RGLH, k_RSH, v_RSH, pos_R1L, do_RGLH, lse_RG1L, di_RG1L, tile_block,
+                    tile_count, *, rows, block_size, sm_scale, interpret=False):
+  """(dq rows [R, G, L, H] f32, dk, dv [R, S, H] f32): same contract as pallas_tpu.sparse_backward."""
+  n, groups, length, h = q_RGLH.shape
+  sp = k_RSH.shape[1]
+  nt, num_blocks = length // rows, sp // block_size
+  hp, q_, k_, pos = _layouts(q_RGLH, k_RSH, pos_R1L)
+  # Each block's run of tiles: first tile and count (tiles past the real ones belong to none).
+  real = jnp.arange(nt) < tile_count[:, None]
+  keyed = jnp.where(real, tile_block, num_blocks)
+  blocks = jnp.arange(num_blocks)
+  lo = jax.vmap(lambda x: jnp.searchsorted(x, blocks, side="left"))(keyed).astype(jnp.int32)
+  hi = jax.vmap(lambda x: jnp.searchsorted(x, blocks, side="right"))(keyed).astype(jnp.int32)
+  full_rows = pl.BlockSpec((None, None, length, hp), lambda c, r, g: (r, g, 0, 0))
+  kv_spec = pl.BlockSpec((None, block_size, hp), lambda c, r, g: (r, c, 0))
+  lane = pl.BlockSpec((None, None, length), lambda c, r, g: (r, g, 0))
+  part = pl.BlockSpec((None, None, block_size, hp), lambda c, r, g: (r, g, c, 0))
+  dq, dk, dv = pl.pallas_call(
+      functools.partial(_bwd_kernel, num_blocks=num_blocks, rows=rows, block_size=block_size,
+                        sm_scale=sm_scale),
+      grid=(num_blocks, n, groups),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), full_rows, kv_spec, kv_spec,
+                pl.BlockSpec((None, length), lambda c, r, g: (r, 0)), full_rows, lane, lane],
+      out_specs=[full_rows, part, part],
+      out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
+                 jax.ShapeDtypeStruct((n, groups, sp, hp), jnp.float32),
+                 jax.ShapeDtypeStruct((n, groups, sp, hp), jnp.float32)],
+      interpret=interpret,
+      name="msa_sparse_attention_bwd_triton",
+  )(lo.reshape(-1), (hi - lo).reshape(-1), q_, k_, _pad_last(v_RSH, hp), pos,
+    _pad_last(do_RGLH, hp), lse_RG1L[:, :, 0], di_RG1L[:, :, 0])
+  return dq[..., :h], dk.sum(axis=1)[..., :h], dv.sum(axis=1)[..., :h]
