@@ -126,11 +126,11 @@ def plot(report, path: str):
 def run(config, workdir: str) -> dict:
   """Restores the latest checkpoint in workdir, evaluates, writes report.json and the plot."""
   config_lib.validate(config, jax.device_count())
-  from mixtral_jax.trainer import trainer
+  from mixtral_jax.trainer import checkpoint
 
   start = time.time()
   mesh = sharding.make_mesh(config.mesh)
-  model, step = trainer.restore_model(config, workdir, mesh)
+  model, step = checkpoint.restore_model(config, workdir, mesh)
   with jax.set_mesh(mesh):
     report = evaluate_model(model, config)
   report["step"] = int(step)
