@@ -233,14 +233,14 @@ def run(config, workdir: str, *, allow_config_change=()) -> dict:
   import jax
   from mixtral_jax import config as config_lib
   from mixtral_jax import sharding
-  from mixtral_jax.trainer import trainer
+  from mixtral_jax.trainer import checkpoint, trainer
 
   config_lib.validate(config, jax.device_count())
   if allow_config_change:
     trainer.check_against_recorded(config, workdir, allow=allow_config_change)  # parameter shapes
   start = time.time()
   mesh = sharding.make_mesh(config.mesh)
-  model, step = trainer.restore_model(config, workdir, mesh)
+  model, step = checkpoint.restore_model(config, workdir, mesh)
   with jax.set_mesh(mesh):
     report = evaluate_model(model, config)
   report["step"] = int(step)

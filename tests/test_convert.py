@@ -285,7 +285,7 @@ def test_config_round_trip(family):
 
 def test_cli_run_round_trip(tmp_path):
   """HF dir -> trainer checkpoint (step 0, trainer layout) -> HF dir gives back the same tensors."""
-  from mixtral_jax.convert.__main__ import hf_to_run, load_converted_config, run_to_hf
+  from mixtral_jax.convert.run import hf_to_run, load_converted_config, run_to_hf
   _, path = _build("minimax_m2", tmp_path)
   run = str(tmp_path / "run")
   config = config_lib.default_config()

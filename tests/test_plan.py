@@ -4,7 +4,8 @@ import pytest
 from flax import nnx
 
 from mixtral_jax import config as config_lib
-from mixtral_jax.convert import _Layers, hf_config
+from mixtral_jax.convert import hf_config
+from mixtral_jax.convert.hf import _Layers
 from mixtral_jax.experiments import minimax_m2, minimax_m2_lightning_hybrid, minimax_m3_msa
 from mixtral_jax.model import plan as plan_lib
 from mixtral_jax.model.transformer import Block, ScannedBlocks, Transformer, count_params

@@ -499,3 +499,22 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, compile_cache):
   logged = read_losses(workdir)
   assert saved == [max(logged)] and 3 <= saved[0] < 1000, (saved, sorted(logged))
   assert not os.path.exists(os.path.join(workdir, "lock"))
+
+
+def test_save_model_checkpoint_then_restore_model_only(tmp_path):
+  """convert's path: a model written in the trainer layout (fresh optimizer) reads back as the same
+  model through the model-only restore, and the trainer resumes from it."""
+  from mixtral_jax.model.transformer import Transformer
+  c = tiny_config(steps=1, checkpoint_every=1, warmup_steps=0)
+  mesh = sharding.make_mesh(c.mesh)
+  with jax.set_mesh(mesh):
+    model = nnx.jit(lambda: Transformer(c.model, rngs=nnx.Rngs(5)))()
+    ckpt_lib.save_model_checkpoint(model, c, str(tmp_path))
+  restored, step = ckpt_lib.restore_model(c, str(tmp_path), mesh)
+  assert step == 0
+  ours, theirs = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(restored))
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The trainer restores the whole {0: model, 1: optimizer} state from it and resumes at step 0.
+  assert trainer.train(c, str(tmp_path), progress=False)["step"] == 1

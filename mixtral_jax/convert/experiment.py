@@ -5,7 +5,7 @@
 
 Reads OUT/converted_config.json, written by `python -m mixtral_jax.convert`.
 """
-from mixtral_jax.convert.__main__ import load_converted_config
+from mixtral_jax.convert.run import load_converted_config
 
 
 def get_config(arg=None):

@@ -1,5 +1,8 @@
 """Hugging Face checkpoints in and out: `from_hf(path, mesh) -> (model, config)`, `to_hf(model, config, dir)`.
 
+Parameters are addressed through the layer plan (`model/plan.py`): a logical per-layer path
+('layers', i, ...) becomes the model's own through `LayerSpec.param_path`.
+
 from_hf reads config.json (mapped by `hf_config`), builds the model abstractly (no parameter is
 initialised), then streams the safetensors one tensor at a time: each is transformed (`mapping`),
 cast to the parameter dtype and `jax.device_put` with that parameter's sharding on `mesh` before
@@ -28,9 +31,6 @@ from mixtral_jax.convert.hf_config import UnsupportedConfigError
 from mixtral_jax.convert.safetensors_io import SafetensorsReader, ShardedWriter
 from mixtral_jax.model import plan as plan_lib
 from mixtral_jax.model.router import RouterBias
-
-__all__ = ["from_hf", "to_hf", "load_hf_config", "infer_model_type", "ConversionError",
-           "MissingTensorError", "UnexpectedTensorError", "TensorShapeError", "UnsupportedConfigError"]
 
 _STATE = (nnx.Param, RouterBias)
 

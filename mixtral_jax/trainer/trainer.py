@@ -114,30 +114,8 @@ def create_train_state(config, mesh, model_fn: Callable = default_model_fn):
   return graphdef, state, shardings, schedule
 
 
-def restore_model(config, workdir: str, mesh=None):
-  """The model of the latest restorable checkpoint in <workdir>/checkpoints, on `mesh` (default:
-  the config's). Reads only: a checkpoint that fails is skipped, never moved. Returns (model, step);
-  raises FileNotFoundError when the workdir has no checkpoint."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not (os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
-    # Checked before building anything, and nothing is created in the workdir.
-    raise FileNotFoundError(f"workdir: no checkpoint under {ckpt_dir}; train first "
-                            "(python -m mixtral_jax.train ...)")
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-  graphdef, state, _, _ = create_train_state(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               max_to_keep=config.train.max_to_keep, async_save=False)
-  try:
-    restored = ckpt.restore_latest(_pure(state), quarantine=False)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"workdir: no checkpoint under {os.path.join(workdir, 'checkpoints')}; "
-                            "train first (python -m mixtral_jax.train ...)")
-  step, pure, _ = restored
-  nnx.replace_by_pure_dict(state, pure)
-  model, _ = nnx.merge(graphdef, state)
-  return model, step
+# The trainer's checkpoint layout lives in checkpoint.py; the model-only restore with it.
+restore_model = ckpt_lib.restore_model
 
 
 def loss_and_metrics(logits_BTV, aux, batch, num_tasks: int):
