@@ -135,7 +135,7 @@ def test_msa_selection_equals_model(local_blocks):
   q_pos_BT = (lengths - 1)[:, None]
   k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
   scores_BKTS = msa.index_scores(iq[:, None], ik, q_pos_BT, k_pos_BS)
-  want_BKTC = msa.msa_block_mask(scores_BKTS, q_pos_BT, _msa_cfg(local_blocks))
+  want_BKTC = msa.msa_selection(scores_BKTS, q_pos_BT, _msa_cfg(local_blocks))
   scores = da.index_block_scores_reference(iq, ik, lengths, block_size=BS)
   idx = da.select_top_blocks(scores, lengths, block_size=BS, top_k=TOP_K,
                              local_blocks=local_blocks)
@@ -153,7 +153,7 @@ def test_msa_selection_equals_model(local_blocks):
 def test_moba_selection_equals_model():
   from mixtral_jax.model.attention import moba
   q, k, _, _, _, lengths = _inputs(seed=5)
-  want = moba.moba_block_mask(q[:, None], k, (lengths - 1)[:, None], block_size=BS, top_k=TOP_K)
+  want = moba.moba_selection(q[:, None], k, (lengths - 1)[:, None], block_size=BS, top_k=TOP_K)
   sm = da.block_summaries(k, lengths, block_size=BS)
   scores = da.moba_block_scores_reference(q, sm.mean_BCKH, lengths, block_size=BS)
   idx = da.select_top_blocks(scores, lengths, block_size=BS, top_k=TOP_K)

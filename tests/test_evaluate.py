@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mixtral_jax import config as config_lib
-from mixtral_jax import evaluate
+from mixtral_jax import evaluation
 from mixtral_jax.experiments import quickstart
 from mixtral_jax.trainer import trainer
 from mixtral_jax.trainer import workdir as workdir_lib
@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_evaluate_writes_report_and_plot(run_dir):
-  report = evaluate.run(None, run_dir)  # the run's own config.json: only the workdir is needed
+  report = evaluation.run(None, run_dir)  # the run's own config.json: only the workdir is needed
   assert report["step"] == 4
   with open(os.path.join(run_dir, "report.json")) as f:
     on_disk = json.load(f)
@@ -51,7 +51,7 @@ def test_evaluate_writes_report_and_plot(run_dir):
   assert all(1.0 < p < 1e4 for p in report["perplexity"].values())
   png = os.path.join(run_dir, "accuracy_vs_length.png")
   assert open(png, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "exact match" in evaluate.format_table(report)
+  assert "exact match" in evaluation.format_table(report)
 
 
 def _plot_lines(report, tmp_path):
@@ -67,7 +67,7 @@ def _plot_lines(report, tmp_path):
     return save(fig, *a, **k)
   plt.Figure.savefig = grab
   try:
-    evaluate.plot(report, str(tmp_path / "p.png"))
+    evaluation.plot(report, str(tmp_path / "p.png"))
   finally:
     plt.Figure.savefig = save
   return seen
@@ -91,9 +91,9 @@ def test_plot_chance_error_bars_title_and_distinct_curves(tmp_path):
   assert {"variable_tracking: exact match", "variable_tracking: answer tokens"} <= set(labels)
   assert [l for l in labels if "chance" in l] == ["chance per answer token: 1/64"]  # shared
   assert seen["xticks"] == [64, 256] and 32 < seen["xlim"][0] < 64  # no empty left third
-  lo, hi = evaluate.wilson_interval(0.5, 100)
+  lo, hi = evaluation.wilson_interval(0.5, 100)
   assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60
-  assert evaluate.wilson_interval(0.0, 50)[0] == 0.0 < evaluate.wilson_interval(0.0, 50)[1]
+  assert evaluation.wilson_interval(0.0, 50)[0] == 0.0 < evaluation.wilson_interval(0.0, 50)[1]
 
 
 def test_evaluate_refuses_a_different_model_and_allows_named_fields(run_dir):
@@ -101,9 +101,9 @@ def test_evaluate_refuses_a_different_model_and_allows_named_fields(run_dir):
   c.model.attention_pattern = ("full", "full")
   with pytest.raises(workdir_lib.ConfigMismatchError,
                      match=r"model\.attention_pattern: \['swa', 'full'\] in the run"):
-    evaluate.run(c, run_dir)
+    evaluation.run(c, run_dir)
   c.eval.update(lengths=(64,), tasks=("mqar",), perplexity=False)
-  report = evaluate.run(c, run_dir, allow_config_change=["attention_pattern"])  # same shapes
+  report = evaluation.run(c, run_dir, allow_config_change=["attention_pattern"])  # same shapes
   assert report["attention_pattern"] == ["full", "full"]
 
 
@@ -113,20 +113,20 @@ def test_failed_validation_leaves_the_report_alone(run_dir):
   c = tiny_config()
   c.eval.num_examples = 0
   with pytest.raises(config_lib.ConfigError, match="eval.num_examples"):
-    evaluate.run(c, run_dir)
+    evaluation.run(c, run_dir)
   assert (open(path).read() if os.path.exists(path) else None) == before
 
 
 def test_evaluate_without_checkpoint_names_the_workdir_and_creates_nothing(tmp_path):
   workdir_lib.write_config(str(tmp_path), tiny_config())
   with pytest.raises(FileNotFoundError, match="workdir: no checkpoint"):
-    evaluate.run(None, str(tmp_path))
+    evaluation.run(None, str(tmp_path))
   assert os.listdir(tmp_path) == ["config.json"]
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    evaluate.run(None, str(tmp_path / "nothing_here"))
+    evaluation.run(None, str(tmp_path / "nothing_here"))
   os.makedirs(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="has no config.json"):
-    evaluate.run(None, str(tmp_path / "empty"))
+    evaluation.run(None, str(tmp_path / "empty"))
   assert os.listdir(tmp_path / "empty") == []
 
 

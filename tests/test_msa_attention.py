@@ -1,6 +1,6 @@
 """msa_attention kernels and XLA reference against the model's MSA math (`attention/msa.py`).
 
-The oracle is msa.py itself on dense [T, S] tensors: `index_scores` + `msa_block_mask` for the block
+The oracle is msa.py itself on dense [T, S] tensors: `index_scores` + `msa_selection` for the block
 choice, `attention_core` (XLA) for attention, `indexer_kl` for the KL loss. Every implementation
 runnable on CPU (XLA; Pallas TPU and Triton in interpret mode) must match it in float32 at 1e-5
 (max abs error over max(1, max |oracle|)): forward, dq/dk/dv of a random cotangent, and the KL's
@@ -16,6 +16,7 @@ import pytest
 
 from mixtral_jax.kernels import msa_attention as M
 from mixtral_jax.kernels.msa_attention import routing
+from mixtral_jax.kernels.block_sparse_attention import selection
 from mixtral_jax.model.attention import common, msa
 
 TOL = 1e-5
@@ -51,7 +52,7 @@ def _inputs(case, seed=0):
 
 
 def _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos):
-  return msa.msa_block_mask(msa.index_scores(q_idx, k_idx, q_pos, k_pos), q_pos, cfg)
+  return msa.msa_selection(msa.index_scores(q_idx, k_idx, q_pos, k_pos), q_pos, cfg)
 
 
 def _select(q_idx, k_idx, cfg, impl):
@@ -74,7 +75,7 @@ def test_block_scores_and_selection_match_msa(name, impl):
   assert _err(jnp.where(jnp.isinf(want), 0, got), jnp.where(jnp.isinf(want), 0, want)) <= TOL
   indices = _select(q_idx, k_idx, cfg, impl)
   num_blocks = want.shape[-1]
-  np.testing.assert_array_equal(common.block_mask_from_indices(indices, num_blocks),
+  np.testing.assert_array_equal(selection.block_mask_from_indices(indices, num_blocks),
                                 _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos))
 
 
@@ -85,7 +86,7 @@ def test_selection_in_query_chunks(monkeypatch, impl):
   q, k, v, q_idx, k_idx, do, cfg, q_pos, k_pos = _inputs(CASES["prefill_S_gt_T"])
   monkeypatch.setattr(api, "SCORE_BYTES", 1)
   np.testing.assert_array_equal(
-      common.block_mask_from_indices(_select(q_idx, k_idx, cfg, impl), 44 // 8 + 1),
+      selection.block_mask_from_indices(_select(q_idx, k_idx, cfg, impl), 44 // 8 + 1),
       _oracle_mask(q_idx, k_idx, cfg, q_pos, k_pos))
 
 
@@ -95,7 +96,8 @@ def test_select_blocks_equals_model_select_blocks():
   # Future blocks must be -inf, as msa.py hands them over.
   scores = jnp.where(jnp.arange(5) > (q_pos[:, None, :, None] // 8), -jnp.inf, scores)
   for top_k, local in ((2, 1), (3, 2), (7, 3)):
-    _, want = common.select_blocks(scores, q_pos, block_size=8, top_k=top_k, local_blocks=local)
+    _, want = selection.select_blocks(scores, (q_pos // 8)[:, None], top_k=top_k,
+                                      local_blocks=local)
     got = M.select_blocks(scores, block_size=8, top_k=top_k, local_blocks=local, num_keys=40)
     np.testing.assert_array_equal(got, want)
 

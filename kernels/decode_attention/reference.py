@@ -6,12 +6,14 @@ key blocks, J selected blocks per (row, kv head). Row b holds `lengths[b]` token
 token sits at position lengths[b] - 1 (already written) and attends to positions < lengths[b].
 
 Block selection reproduces the model's prefill/decode selection (mixtral_jax.model.attention
-msa.py / moba.py + common.select_blocks) op for op, so the same inputs give the same blocks.
+msa.py / moba.py + block_sparse_attention.selection.select_blocks) op for op, so the same inputs give the same blocks.
 """
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ..block_sparse_attention import selection
 
 # Finite stand-in for -inf in running maxima: empty splits combine to weight 0 without NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -73,7 +75,8 @@ def sparse_decode_reference(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, bl
 
 
 def select_top_blocks(scores_BKC, lengths_B, *, block_size, top_k, local_blocks=1, chunk=None):
-  """Top-k blocks per (row, kv head), as `model.attention.common.select_blocks` with T = 1.
+  """Top-k blocks per (row, kv head), as `block_sparse_attention.selection.select_blocks`
+  with T = 1.
 
   scores_BKC float32 with blocks the query may not pick already -inf. The `local_blocks` blocks
   ending at the query's own block are forced (+inf); -inf blocks are never selected.
@@ -83,18 +86,15 @@ def select_top_blocks(scores_BKC, lengths_B, *, block_size, top_k, local_blocks=
   """
   b, kh, c = scores_BKC.shape
   q_block_B1 = ((lengths_B - 1) // block_size)[:, None]
-  local_BC = jnp.zeros((b, c), bool)
-  for i in range(local_blocks):
-    local_BC |= jnp.maximum(q_block_B1 - i, 0) == jnp.arange(c)
-  scores_BKC = jnp.where(local_BC[:, None], jnp.inf, scores_BKC)
+  scores_BKC = jnp.where(selection.local_blocks_mask(q_block_B1, c, local_blocks), jnp.inf,
+                         scores_BKC)
   k = min(top_k, c)
-  if chunk and c % chunk == 0 and c > chunk and chunk >= k:
-    part_s, part_i = jax.lax.top_k(scores_BKC.reshape(b, kh, c // chunk, chunk), k)
-    part_i = part_i + (jnp.arange(c // chunk) * chunk)[:, None]
-    top_scores, pos = jax.lax.top_k(part_s.reshape(b, kh, -1), k)
-    indices = jnp.take_along_axis(part_i.reshape(b, kh, -1), pos, axis=-1)
-  else:
-    top_scores, indices = jax.lax.top_k(scores_BKC, k)
+  if not (chunk and c % chunk == 0 and c > chunk and chunk >= k):
+    return selection.topk_indices(scores_BKC, k)
+  part_s, part_i = jax.lax.top_k(scores_BKC.reshape(b, kh, c // chunk, chunk), k)
+  part_i = part_i + (jnp.arange(c // chunk) * chunk)[:, None]
+  top_scores, pos = jax.lax.top_k(part_s.reshape(b, kh, -1), k)
+  indices = jnp.take_along_axis(part_i.reshape(b, kh, -1), pos, axis=-1)
   return jnp.where(top_scores == -jnp.inf, -1, indices).astype(jnp.int32)
 
 
@@ -102,7 +102,7 @@ def index_block_scores_reference(index_q_BKI, index_k_BSI, lengths_B, *, block_s
   """MSA block scores [B, K, C] f32: max over each block's keys at positions < lengths[b] of
   q_idx . k_idx (the new token's index query per kv group), -inf for blocks with no such key.
 
-  Same ops as `msa.index_scores` + `msa.msa_block_mask` at T = 1, so the scores are identical.
+  Same ops as `msa.index_scores` + `msa.msa_selection` at T = 1, so the scores are identical.
   """
   b, s, _ = index_k_BSI.shape
   q_BTKI = index_q_BKI[:, None]

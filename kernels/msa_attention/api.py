@@ -132,7 +132,7 @@ def msa_block_scores(q_idx_BTKI, k_idx_BSI, *, block_size: int, q_offset=None,
 def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_blocks: int = 1,
                selection: str = "per_group", implementation=None, interpret=False,
                block_sizes: BlockSizes = BlockSizes()):
-  """Index lists int32 [B, K, T, min(top_k, C)] (-1 = empty): `msa.msa_block_mask`'s choice.
+  """Index lists int32 [B, K, T, min(top_k, C)] (-1 = empty): `msa.msa_selection`'s choice.
 
   selection 'max_heads' takes the max over the K index heads before one shared top-k. Long
   sequences score and select a chunk of queries at a time (SCORE_BYTES of block scores per step).

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..block_sparse_attention import selection
+
 # Finite stand-in for -inf: keeps rows with nothing visible free of inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -72,24 +74,20 @@ def block_scores_reference(q_idx_BTKI, k_idx_BSI, *, block_size: int, chunk: int
 
 def select_blocks(scores_BKTC, *, block_size: int, top_k: int, local_blocks: int = 1,
                   num_keys: int | None = None, q_offset=None):
-  """Top-k key blocks per query row: `mixtral_jax.model.attention.common.select_blocks` semantics.
+  """Top-k key blocks per query row, by the shared rule (`block_sparse_attention.selection`).
 
-  The `local_blocks` blocks ending at the query's own block are forced (+inf); blocks whose score
-  is -inf are never selected. Query i sits at position i + q_offset, by default i + num_keys - T
+  The `local_blocks` blocks ending at the query's own block are forced; blocks whose score is
+  -inf are never selected. Query i sits at position i + q_offset, by default i + num_keys - T
   (num_keys defaults to C * block_size: pass S when S is not a multiple of block_size; q_offset
-  may be traced). Returns int32 [B, K, T, k],
-  k = min(top_k, C), -1 for unused slots.
+  may be traced). Returns int32 [B, K, T, k], k = min(top_k, C), -1 for unused slots.
   """
   t, c = scores_BKTC.shape[-2:]
   s = c * block_size if num_keys is None else num_keys
   q_offset = s - t if q_offset is None else q_offset
-  q_block_T = (jnp.arange(t) + q_offset) // block_size
-  local_TC = jnp.zeros((t, c), bool)
-  for i in range(local_blocks):
-    local_TC |= jnp.maximum(q_block_T - i, 0)[:, None] == jnp.arange(c)
-  scores_BKTC = jnp.where(local_TC, jnp.inf, scores_BKTC)
-  top_scores, indices = jax.lax.top_k(scores_BKTC, min(top_k, c))
-  return jnp.where(top_scores == -jnp.inf, -1, indices).astype(jnp.int32)
+  row_block_T = (jnp.arange(t) + q_offset) // block_size
+  _, indices = selection.select_blocks(scores_BKTC, row_block_T, top_k=top_k,
+                                       local_blocks=local_blocks)
+  return indices
 
 
 def _gather_blocks(x_BKCbX, indices_BKtk):

@@ -1,6 +1,6 @@
 """Runs the multi-hop study: every (variant, seed) trained, evaluated and timed, then summarized.
 
-One run = `trainer.train(config, run_dir)`, then `evaluate.evaluate_model` at the lengths of
+One run = `trainer.train(config, run_dir)`, then `evaluation.evaluate_model` at the lengths of
 config.eval (the training length and 2x), then the XLA decode step time at a long context. Each
 run writes <workdir>/<variant>/seed<seed>/run.json; a run whose run.json exists is not redone,
 so an interrupted sweep continues where it stopped. With jobs > 1 the runs go to that many
@@ -79,7 +79,7 @@ def param_checksum(model) -> float:
 
 def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | None = None) -> dict:
   """Trains, evaluates and times one (variant, seed); returns (and writes) its run.json."""
-  from mixtral_jax import evaluate, sharding
+  from mixtral_jax import evaluation, sharding
   from mixtral_jax.trainer import trainer
 
   out_dir = run_dir(workdir, variant, seed)
@@ -99,7 +99,7 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | No
   mesh = sharding.make_mesh(config.mesh)
   model, step = trainer.restore_model(config, out_dir, mesh)
   with jax.set_mesh(mesh):
-    report = evaluate.evaluate_model(model, config)
+    report = evaluation.evaluate_model(model, config)
   t2 = time.time()
   decode_ms = decode_step_ms(model, config, mesh)
   tps = metrics.get("tokens_per_second")
