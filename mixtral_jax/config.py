@@ -72,6 +72,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_expert_dim=64,
       dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
+      expert_parallel=True,      # dropless on a mesh with expert > 1: expert-parallel all-to-all
+                                 # dispatch (model/moe_ep.py); False: global-view GSPMD dispatch
+      all_to_all=None,           # EP exchange: ragged | dense | None (ragged; dense on CPU)
       grouped_matmul=None,       # dropless matmul: ragged_dot | blocked | None (blocked on CPU)
       capacity_factor=1.25,
       aux_loss_weight=0.0,       # sequence-wise balance loss
@@ -203,6 +206,8 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.moe.expert_dim", f"must be positive, got {e.expert_dim}")
     if e.dispatch not in DISPATCHES:
       _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
+    if e.get("all_to_all") not in ("ragged", "dense", None):
+      _fail(f"{prefix}.moe.all_to_all", f"unknown {e.all_to_all!r}; expected ragged, dense or None")
     if e.dispatch == "capacity" and e.capacity_factor <= 0:
       _fail(f"{prefix}.moe.capacity_factor", f"must be positive, got {e.capacity_factor}")
   if m.mlp_activation not in ("swiglu", "swiglu_clamped"):
@@ -228,8 +233,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   if num_devices is not None:
     from mixtral_jax import sharding  # late import: config must not pull in jax devices
     shape = sharding.mesh_shape(config.mesh, num_devices)
-    data_par = shape["data"] * shape["fsdp"]
+    data_par = shape["data"] * shape["fsdp"] * shape["expert"]  # sharding.RULES["batch"]
     if t.batch_size % data_par:
-      _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")
+      _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp*expert={data_par}")
   if not len(config.data.tasks) and not len(config.data.text_files):
     _fail("data.tasks", "no tasks and no text_files: nothing to train on")

@@ -16,7 +16,9 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    # The expert axis also splits the batch: outside the MoE it is one more data axis (attention is
+    # not replicated over it), and the expert-parallel MoE (model/moe_ep.py) sends tokens along it.
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "vocab": "tensor",
     "embed": "fsdp",
@@ -48,6 +50,12 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
       used.update(flat)
     axes.append(a)
   return P(*axes)
+
+
+def batch_shards(mesh) -> int:
+  """How many ways `mesh` (concrete or abstract) splits the batch dimension."""
+  axes = RULES["batch"]
+  return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def partitioned(init, *names: str | None):
