@@ -61,6 +61,7 @@ def collectives(hlo_text: str) -> list[dict]:
   """One entry per collective op in the HLO text: op, result shape, bytes (for ragged-all-to-all:
   its operand, the rows sent; for the others: the result)."""
   out = []
+  defs = dict(re.findall(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*(\S+)", hlo_text, re.M))
   for line in hlo_text.splitlines():
     m = _OP.match(line)
     if not m:
@@ -70,7 +71,8 @@ def collectives(hlo_text: str) -> list[dict]:
       continue
     shape = result.strip()
     if op == "ragged-all-to-all":  # operand first: the rows this device can send
-      shape = _SHAPE.search(rest).group(0)
+      typed = _SHAPE.match(rest.lstrip())      # typed operand, or look its name up
+      shape = typed.group(0) if typed else defs.get(re.split(r"[,)\s]", rest.strip())[0], shape)
     out.append({"op": op, "shape": shape, "bytes": shape_bytes(shape)})
   return out
 
