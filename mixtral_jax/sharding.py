@@ -70,9 +70,22 @@ def partitioned(init, *names: str | None):
 
 def constrain(x, *names: str | None):
   """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+  return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(names), x.shape, mesh))
+
+
+def fit_spec(spec: P, shape, mesh) -> P:
+  """`spec` with trailing mesh axes dropped from any dimension they do not divide (a batch of 2
+  on data=2 x expert=2 splits over data only)."""
+  out = []
+  for dim, a in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = list((a,) if isinstance(a, str) else (a or ()))
+    while axes and dim % math.prod(mesh.shape[x] for x in axes):
+      axes.pop()
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
