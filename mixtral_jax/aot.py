@@ -190,7 +190,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import logging
   logging.getLogger("mixtral_jax").setLevel(logging.INFO)
-  compiled, report = compile_train_step(_CONFIG.value, _TOPOLOGY.value)
+  try:
+    compiled, report = compile_train_step(_CONFIG.value, _TOPOLOGY.value)
+  except Exception as e:  # noqa: BLE001 - libtpu refuses steps whose temporaries exceed HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise SystemExit(f"{_TOPOLOGY.value}: does not fit: {str(e).splitlines()[0][:400]}")
   print(format_report(report))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
