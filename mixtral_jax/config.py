@@ -20,7 +20,7 @@ MSA_SELECTIONS = ("max_heads", "per_group")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the device mesh's axes (see sharding.py)
 # Fields documented as taking None. They are typed references (str), so the command line can set
 # them to a string even when the default is None, and `resolve_cli_none` turns "None" into None.
-NONE_FIELDS = ("model.attention_impl", "model.moe.grouped_matmul")
+NONE_FIELDS = ("model.attention_impl", "model.moe.grouped_matmul", "model.moe.all_to_all")
 
 
 def _str_or_none(default):
@@ -84,6 +84,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_shared_experts=0,
       shared_expert_dim=64,
       dispatch="dropless",       # dropless (sort + ragged_dot) | capacity (token dropping)
+      expert_parallel=True,      # dropless on a mesh with expert > 1: expert-parallel all-to-all
+                                 # dispatch (model/moe_ep.py); False: global-view GSPMD dispatch
+      all_to_all=_str_or_none(None),  # EP exchange: ragged | dense | None (ragged; dense on CPU)
       grouped_matmul=_str_or_none(None),  # dropless matmul: xla|blocked|ragged_dot|pallas_tpu|pallas_triton|None (backend's best)
       capacity_factor=1.25,
       aux_loss_weight=0.0,       # weight of the balance loss below
@@ -254,6 +257,8 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.moe.dispatch", f"unknown {e.dispatch!r}; expected one of {DISPATCHES}")
     if e.get("balance_loss", "sequence") not in BALANCE_LOSSES:
       _fail(f"{prefix}.moe.balance_loss", f"unknown {e.balance_loss!r}; expected one of {BALANCE_LOSSES}")
+    if e.get("all_to_all") not in ("ragged", "dense", None):
+      _fail(f"{prefix}.moe.all_to_all", f"unknown {e.all_to_all!r}; expected ragged, dense or None")
     if e.dispatch == "capacity" and e.capacity_factor <= 0:
       _fail(f"{prefix}.moe.capacity_factor", f"must be positive, got {e.capacity_factor}")
   if m.mlp_activation not in ("swiglu", "swiglu_clamped"):
@@ -278,9 +283,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
     _fail("train.learning_rate", f"must be positive, got {t.learning_rate}")
   if num_devices is not None:
     shape = mesh_shape(config.mesh, num_devices)
-    data_par = shape["data"] * shape["fsdp"]
+    data_par = shape["data"] * shape["fsdp"] * shape["expert"]  # sharding.RULES["batch"]
     if t.batch_size % data_par:
-      _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp={data_par}")
+      _fail("train.batch_size", f"{t.batch_size} is not divisible by data*fsdp*expert={data_par}")
   if not len(config.data.tasks) and not len(config.data.text_files):
     _fail("data.tasks", "no tasks and no text_files: nothing to train on")
   from mixtral_jax.data import tasks as tasks_lib  # numpy only

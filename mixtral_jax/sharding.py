@@ -15,7 +15,9 @@ from mixtral_jax.config import MESH_AXES, mesh_shape  # noqa: F401 - mesh_shape:
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    # The expert axis also splits the batch: outside the MoE it is one more data axis (attention is
+    # not replicated over it), and the expert-parallel MoE (model/moe_ep.py) sends tokens along it.
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "vocab": "tensor",
     "embed": "fsdp",
@@ -49,6 +51,12 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
   return P(*axes)
 
 
+def batch_shards(mesh) -> int:
+  """How many ways `mesh` (concrete or abstract) splits the batch dimension."""
+  axes = RULES["batch"]
+  return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def partitioned(init, *names: str | None):
   """Wraps an initializer so the parameter is created sharded by its logical `names`.
 
@@ -61,9 +69,22 @@ def partitioned(init, *names: str | None):
 
 def constrain(x, *names: str | None):
   """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+  return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(names), x.shape, mesh))
+
+
+def fit_spec(spec: P, shape, mesh) -> P:
+  """`spec` with trailing mesh axes dropped from any dimension they do not divide (a batch of 2
+  on data=2 x expert=2 splits over data only)."""
+  out = []
+  for dim, a in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = list((a,) if isinstance(a, str) else (a or ()))
+    while axes and dim % math.prod(mesh.shape[x] for x in axes):
+      axes.pop()
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*out)
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:

@@ -107,7 +107,8 @@ def single_device_run():
   return c, batches, run_steps(c, single, batches)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, expert=2, tensor=1),
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, expert=2, tensor=1),   # expert-parallel MoE
+                                  dict(data=2, fsdp=1, expert=2, tensor=2),   # EP, experts' F split
                                   dict(data=2, fsdp=2, expert=1, tensor=2)])
 def test_sharded_step_matches_single_device(single_device_run, mesh):
   c, batches, (losses1, loads1, state1) = single_device_run

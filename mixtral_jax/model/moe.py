@@ -9,6 +9,9 @@ Dispatch (`cfg.moe.dispatch`):
   capacity  each expert takes at most C = ceil(capacity_factor * N*K / E) assignments of the call's
             N tokens; the rest are dropped (contribute 0). Priority: every token's 1st choice, in token
             order, before any 2nd choice, and so on (GShard). Scatter into an [E, C] buffer, gather back.
+  With `moe.expert_parallel` (default) on a mesh with expert > 1, dropless runs expert-parallel
+  (moe_ep.py: local routing per data shard, all-to-all to the experts' devices); expert == 1 (or
+  capacity dispatch) keeps the global-view path below.
 Both are differentiable with respect to the expert weights, the router kernel (through the gate
 weights) and the input. Under jit with a data-sharded batch the arrays are global, so the sort, the
 capacity and aux["load"] are over the whole global batch.
@@ -25,7 +28,7 @@ from flax import nnx
 from mixtral_jax.kernels import grouped_matmul as gmm_lib
 from mixtral_jax.model import router as router_lib
 from mixtral_jax.model.layers import MLP, default_init, dtype_of, gated_activation
-from mixtral_jax.sharding import partitioned
+from mixtral_jax.sharding import batch_shards, partitioned
 
 
 def swiglu_experts_dense(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_activation):
@@ -141,6 +144,8 @@ class MoE(nnx.Module):
     self.num_experts = m.num_experts
     self.top_k = m.top_k
     self.dispatch = m.dispatch
+    self.expert_parallel = m.get("expert_parallel", True)
+    self.all_to_all = m.get("all_to_all")
     self.grouped_matmul = m.get("grouped_matmul")
     self.capacity_factor = m.capacity_factor
     self.aux_loss_weight = m.aux_loss_weight
@@ -167,14 +172,30 @@ class MoE(nnx.Module):
             param_dtype=param_dtype, activation=cfg.mlp_activation, alpha=cfg.swiglu_alpha,
             limit=cfg.swiglu_limit) if m.num_shared_experts > 0 else None)
 
+  def _use_expert_parallel(self, num_tokens: int) -> bool:
+    """moe.expert_parallel on a mesh with expert > 1 whose batch split divides the tokens (a decode
+    step of one token keeps the global-view path)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not self.expert_parallel or mesh.empty or mesh.shape.get("expert", 1) == 1:
+      return False
+    return num_tokens % batch_shards(mesh) == 0
+
   def __call__(self, x_BTD):
     """Returns (y_BTD in the compute dtype, aux): aux["load"] f32[E] assignments per expert over
     this call's whole batch (before capacity dropping); aux["losses"] {name: weighted scalar}."""
     b, t, d = x_BTD.shape
     x_ND = x_BTD.reshape(b * t, d).astype(self.dtype)
-    idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
+    expert_parallel = self.dispatch == "dropless" and self._use_expert_parallel(b * t)
+    if expert_parallel:
+      from mixtral_jax.model import moe_ep  # late: moe_ep imports this module
+      idx_NK, w_NK, logits_NE, scores_NE = moe_ep.route_local(self.gate, x_ND)
+    else:
+      idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
     weights = [w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
-    if self.dispatch == "dropless":
+    if expert_parallel:
+      y_ND = moe_ep.ep_experts(x_ND, idx_NK, w_NK, *weights, act=self.act,
+                               all_to_all=self.all_to_all, gmm_impl=self.grouped_matmul)
+    elif self.dispatch == "dropless":
       y_ND = dropless_experts(x_ND, idx_NK, w_NK, *weights, act=self.act,
                               impl=self.grouped_matmul)
     elif self.dispatch == "capacity":

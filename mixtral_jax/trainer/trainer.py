@@ -66,7 +66,13 @@ def is_multiprocess_env(env=None) -> bool:
 def maybe_initialize_distributed():
   """jax.distributed.initialize() in a multi-process cluster; nothing on a single host."""
   if is_multiprocess_env() and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # JAX_NUM_PROCESSES / JAX_PROCESS_ID: a launch without a cluster manager (one host, tests);
+    # otherwise jax detects them (TPU slice, SLURM, Open MPI).
+    kw = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kw = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)
 
 
 def default_model_fn(model_config, *, rngs):
