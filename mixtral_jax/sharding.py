@@ -5,6 +5,7 @@ axes. `RULES` below decides how each role is split over the mesh axes data/fsdp/
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
