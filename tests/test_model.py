@@ -189,3 +189,40 @@ def test_weight_decay_skips_norm_scales_of_scanned_layers():
   scales = [k for k in flat if "scale" in k]
   assert scales and not any(flat[k] for k in scales)  # stacked [3, D] norm scales: no decay
   assert all(flat[k] for k in flat if "gate_proj" in k or "q_proj" in k)
+
+
+@pytest.mark.parametrize("name, selection", [("mixtral", None), ("msa", "per_group"),
+                                             ("msa", "max_heads")])
+def test_decode_step_on_decode_kernels_equals_forward(name, selection, monkeypatch):
+  """attention_impl='pallas_tpu' (interpret mode on CPU) moves the decode step of full and MSA
+  layers onto `kernels.decode_attention` (dense_decode; MSA block scores + sparse decode) with a
+  cache that is a whole number of kernel blocks; prefill-then-decode still equals the forward,
+  with MSA's top-3 of 16-token blocks dropping blocks, and greedy `generate` works on it."""
+  from mixtral_jax.kernels import decode_attention as da
+  kw = dict(PATTERNS[name])
+  cfg = tiny(kw.pop("pattern"), attention_impl="pallas_tpu", **kw)
+  cfg.msa.update(block_size=16, top_k=3, local_blocks=1)
+  if selection:
+    cfg.msa.selection = selection
+  calls = []
+  for fn in ("dense_decode", "msa_block_scores", "sparse_decode"):
+    real = getattr(da, fn)
+    monkeypatch.setattr(da, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(
+        (_fn, k["implementation"])) or _real(*a, **k))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  T, P, S = 60, 52, 256  # 52 > 3 blocks of 16: MSA drops blocks
+  tokens = jax.random.randint(jax.random.key(5), (2, T), 0, cfg.vocab_size)
+  full = model(tokens)
+  assert not calls  # the forward and the prefill below stay off the decode kernels
+  _, cache = generate.prefill(model, tokens[:, :P], max_len=S)
+  assert not calls
+  for t in range(P, T):
+    step_logits, cache = generate.decode_step(model, tokens[:, t:t + 1], t, cache)
+    np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5, rtol=1e-5,
+                               err_msg=f"{name}: decode step at position {t}")
+  want = {("dense_decode", "pallas_tpu")} | (
+      {("msa_block_scores", "pallas_tpu"), ("sparse_decode", "pallas_tpu")} if name == "msa" else set())
+  assert set(calls) == want  # the kernels really ran: a named kernel raises instead of falling back
+  out = generate.generate(model, tokens[:, :P], 3, max_len=S)
+  for t in range(P, P + 3):
+    np.testing.assert_array_equal(out[:, t], jnp.argmax(model(out[:, :t])[:, -1], -1))

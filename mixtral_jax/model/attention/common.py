@@ -7,6 +7,8 @@
   (`mixtral_jax.kernels.block_sparse_attention`) can replace the XLA path behind the same call.
 - `softmax_attention`: the plain dense reference (explicit boolean mask; rows that see no key give
   zeros, as the kernels' reference).
+- `decode_core`: the single-token decode step of `full` and `msa` layers on the decode kernels
+  (`mixtral_jax.kernels.decode_attention`) under a Pallas `attention_impl`.
 - `expand_block_mask`: a per-query block selection [B, K, T, C] -> token mask. The selection
   itself (top-k with forced local blocks, index lists <-> block masks) is the kernels' vocabulary:
   `mixtral_jax.kernels.block_sparse_attention.selection`.
@@ -180,6 +182,57 @@ def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implement
       q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask, block_q=block,
       block_kv=block, causal=True, implementation=implementation,
       interpret=jax.default_backend() == "cpu")
+
+
+# The decode package has no Mosaic GPU kernel: a Mosaic GPU model decodes on the Triton kernels.
+_DECODE_IMPLS = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
+                 "pallas_mosaic_gpu": "pallas_triton", None: None}
+
+
+def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_kv, scale,
+                msa_cfg=None, index_q_BTKI=None, index_k_BSI=None):
+  """One new token per row (T == 1) over a linear cache on the decode kernels, or None (the
+  caller then takes `attention_core`'s XLA path) for attention_impl 'xla' or a cache whose
+  length is not a multiple of the kernel block (logged once).
+
+  q [B, 1, N, H]; k, v [B, S, K, H] with the new token already written at slot positions[b, 0]
+  (slot s = position s, so lengths = positions + 1). Dense GQA decode (`dense_decode`, tiles of
+  block_kv slots) without msa_cfg; with it, MSA decode: index block scores of index_q
+  [B, 1, K, I] against index_k [B, S, I], top-k blocks of msa_cfg.block_size with the local
+  blocks forced (per GQA group, or the max over groups for selection='max_heads', exactly as
+  `msa.msa_selection`), attention over the selected blocks only. On CPU the Pallas kernels run
+  in interpret mode. Returns y [B, 1, N, H] in q's dtype.
+  """
+  if implementation == "xla":
+    return None
+  from mixtral_jax.kernels import decode_attention as da
+
+  impl = _DECODE_IMPLS[implementation]
+  block = block_kv if msa_cfg is None else msa_cfg.block_size
+  s = k_BSKH.shape[1]
+  if s % block:
+    reason = f"cache length {s} not a multiple of the decode kernel block {block}"
+    if (implementation, reason) not in _FALLBACK_LOGGED:
+      _FALLBACK_LOGGED.add((implementation, reason))
+      logging.warning("attention_impl=%s: %s; decoding on the XLA path", implementation, reason)
+    return None
+  lengths_B = positions_BT[:, 0].astype(jnp.int32) + 1
+  kw = dict(implementation=impl, interpret=jax.default_backend() == "cpu")
+  q_BNH = q_BTNH[:, 0]
+  if msa_cfg is None:
+    y_BNH = da.dense_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, sm_scale=scale,
+                            block_sizes=da.BlockSizes(block_kv=block), **kw)
+    return y_BNH[:, None]
+  # msa_decode's steps, spelled out so that selection='max_heads' shares one choice over groups.
+  scores_BKC = da.msa_block_scores(index_q_BTKI[:, 0], index_k_BSI, lengths_B, block_size=block,
+                                   **kw)
+  if msa_cfg.selection == "max_heads":
+    scores_BKC = jnp.broadcast_to(scores_BKC.max(axis=1, keepdims=True), scores_BKC.shape)
+  indices_BKJ = da.select_top_blocks(scores_BKC, lengths_B, block_size=block,
+                                     top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks)
+  y_BNH = da.sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block,
+                           sm_scale=scale, **kw)
+  return y_BNH[:, None]
 
 
 def expand_block_mask(block_mask_BKTC, block_kv: int, num_keys: int):

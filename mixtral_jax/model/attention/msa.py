@@ -7,7 +7,10 @@ with index_head_dim >= rotary_dim that is the main rope on the first rotary_dim 
 no separate index rotary width). Block score = max over the block's keys at positions <= the
 query of q_idx . k_idx; the cfg.msa.local_blocks blocks ending at the query's own block are always
 kept; top cfg.msa.top_k blocks per query (per GQA group, or one shared choice with
-selection='max_heads'); then exact causal softmax attention over the chosen blocks.
+selection='max_heads'); then exact causal softmax attention over the chosen blocks. A decode
+step (cache, T == 1) under a Pallas attention_impl makes the same selection and attention on the
+decode kernels (`common.decode_core`: index block scores, top-k, sparse decode over the chosen
+blocks only); prefill and training stay on the XLA path.
 
 KL loss (weight cfg.msa.kl_loss_weight): KL(p_main || p_idx) per query and group over the tokens
 of the selected blocks, where p_main is the main branch's attention averaged over the group's heads
@@ -24,7 +27,7 @@ from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
 from mixtral_jax.model import layers
 from mixtral_jax.model.attention.cache import MSACache
 from mixtral_jax.model.attention.common import (
-    SoftmaxAttentionBase, attention_core, pad_to_blocks, token_mask)
+    SoftmaxAttentionBase, attention_core, decode_core, pad_to_blocks, token_mask)
 
 
 class Indexer(nnx.Module):
@@ -104,6 +107,13 @@ class MSAAttention(SoftmaxAttentionBase):
       cache = cache.write(k_BTKH, v_BTKH, ik_BTI, positions_BT[0, 0])
       k_BSKH, v_BSKH, k_pos, ik_BSI = (cache.kv.k_BSKH, cache.kv.v_BSKH, cache.positions[None],
                                        cache.index_k_BSI)
+    if not full_forward and x_BTD.shape[1] == 1:
+      y_BTNH = decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT,
+                           implementation=self.cfg.attention_impl,
+                           block_kv=self.cfg.attention_block, scale=self.scale, msa_cfg=m,
+                           index_q_BTKI=iq_BTKI, index_k_BSI=ik_BSI)
+      if y_BTNH is not None:
+        return self.o_proj(y_BTNH), cache, {}
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
     scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
     block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
