@@ -420,3 +420,29 @@ def test_mixtral_experiment_carries_the_switch_balance_loss():
   idx, _, _, scores = moe.gate(x.reshape(10, 16))
   np.testing.assert_allclose(aux["losses"]["moe_balance"],
                              0.02 * router_lib.switch_balance_loss(idx, scores), **TOL)
+
+
+def test_mask_leaves_masked_tokens_out_of_load_and_losses():
+  """mask_BT (the trainer's tokens != PAD): the load and both balance losses equal those of the
+  unmasked tokens alone, and the outputs do not change."""
+  x = jnp.asarray(rand((2, 6, 16), seed=44))
+  mask = np.ones((2, 6), bool)
+  mask[0, 4:] = False
+  mask[1, 2:] = False
+  for balance in ("sequence", "switch"):
+    moe = moe_lib.MoE(tiny_cfg(router="sigmoid", aux_loss_weight=0.1, balance_loss=balance),
+                      rngs=nnx.Rngs(5))
+    y_all, _ = moe(x)
+    y, aux = moe(x, jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_all))
+    idx, _, _, scores = moe.gate(x.reshape(12, 16))
+    idx, scores = np.asarray(idx).reshape(2, 6, 2), np.asarray(scores).reshape(2, 6, 4)
+    np.testing.assert_array_equal(np.asarray(aux["load"]),
+                                  np.bincount(idx[mask].ravel(), minlength=4))
+    if balance == "switch":
+      ref = router_lib.switch_balance_loss(jnp.asarray(idx[mask]), jnp.asarray(scores[mask]))
+    else:  # per sequence over its own unmasked tokens, then the mean over sequences
+      ref = np.mean([router_lib.sequence_balance_loss(jnp.asarray(idx[b][mask[b]][None]),
+                                                      jnp.asarray(scores[b][mask[b]][None]))
+                     for b in range(2)])
+    np.testing.assert_allclose(aux["losses"]["moe_balance"], 0.1 * np.asarray(ref), **TOL)

@@ -180,10 +180,15 @@ class MoE(nnx.Module):
       return False
     return num_tokens % batch_shards(mesh) == 0
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, mask_BT=None):
     """Returns (y_BTD in the compute dtype, aux): aux["load"] f32[E] assignments per expert over
-    this call's whole batch (before capacity dropping); aux["losses"] {name: weighted scalar}."""
+    this call's whole batch (before capacity dropping); aux["losses"] {name: weighted scalar}.
+
+    mask_BT (bool [B, T], optional): the tokens that count in the load and the balance losses
+    (False at PAD). Every token is still computed; the mask changes only the router statistics.
+    """
     b, t, d = x_BTD.shape
+    mask_N = None if mask_BT is None else mask_BT.reshape(b * t)
     x_ND = x_BTD.reshape(b * t, d).astype(self.dtype)
     expert_parallel = self.dispatch == "dropless" and self._use_expert_parallel(b * t)
     if expert_parallel:
@@ -210,11 +215,12 @@ class MoE(nnx.Module):
 
     losses = {}
     if self.aux_loss_weight > 0 and self.balance_loss == "switch":
-      losses["moe_balance"] = self.aux_loss_weight * router_lib.switch_balance_loss(idx_NK, scores_NE)
+      losses["moe_balance"] = self.aux_loss_weight * router_lib.switch_balance_loss(
+          idx_NK, scores_NE, mask_N)
     elif self.aux_loss_weight > 0:
       losses["moe_balance"] = self.aux_loss_weight * router_lib.sequence_balance_loss(
-          idx_NK.reshape(b, t, -1), scores_NE.reshape(b, t, -1))
+          idx_NK.reshape(b, t, -1), scores_NE.reshape(b, t, -1), mask_BT)
     if self.z_loss_weight > 0:
       losses["moe_z"] = self.z_loss_weight * router_lib.z_loss(logits_NE)
-    aux = {"load": router_lib.expert_load(idx_NK, self.num_experts), "losses": losses}
+    aux = {"load": router_lib.expert_load(idx_NK, self.num_experts, mask_N), "losses": losses}
     return y_BTD, aux

@@ -80,34 +80,51 @@ def route(logits_NE, *, kind: str, top_k: int, normalize_topk: bool = True,
   return idx_NK.astype(jnp.int32), w_NK * routed_scaling_factor, scores_NE
 
 
-def expert_load(idx_NK, num_experts: int):
-  """f32[E]: token-expert assignments per expert (before any capacity dropping)."""
-  return jnp.sum(jax.nn.one_hot(idx_NK, num_experts, dtype=jnp.float32), axis=(0, 1))
+def _token_weights(mask_N, n: int):
+  """f32 [N, 1]: 1 for the tokens that count (mask_N true), all ones when mask_N is None."""
+  if mask_N is None:
+    return jnp.ones((n, 1), jnp.float32)
+  return mask_N.reshape(n, 1).astype(jnp.float32)
 
 
-def sequence_balance_loss(idx_BTK, scores_BTE):
+def expert_load(idx_NK, num_experts: int, mask_N=None):
+  """f32[E]: token-expert assignments per expert (before any capacity dropping), counting only the
+  tokens of mask_N (PAD positions of a padded batch would all pick the same experts)."""
+  w_N1 = _token_weights(mask_N, idx_NK.shape[0])
+  return jnp.sum(jax.nn.one_hot(idx_NK, num_experts, dtype=jnp.float32) * w_N1[..., None],
+                 axis=(0, 1))
+
+
+def sequence_balance_loss(idx_BTK, scores_BTE, mask_BT=None):
   """DeepSeek-V3 sequence-wise balance loss, averaged over the B sequences.
 
   Per sequence: f_i = E / (K T) * #{t : i in topk(t)},  P_i = 1/T * sum_t s_ti / sum_j s_tj,
   loss = sum_i f_i P_i (1 when routing is perfectly uniform). s are the softmax probabilities or
-  sigmoid scores (un-biased); the selection is the biased top-k actually used.
+  sigmoid scores (un-biased); the selection is the biased top-k actually used. With mask_BT, T is
+  each sequence's count of masked-in tokens and the others do not count.
   """
-  _, t, k = idx_BTK.shape
+  b, t, k = idx_BTK.shape
   e = scores_BTE.shape[-1]
-  counts_BE = jnp.sum(jax.nn.one_hot(idx_BTK, e, dtype=jnp.float32), axis=(1, 2))
-  f_BE = jax.lax.stop_gradient(counts_BE * (e / (k * t)))
-  p_BE = jnp.mean(scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True), axis=1)
+  w_BT = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
+  t_B1 = jnp.maximum(jnp.sum(w_BT, axis=1, keepdims=True), 1.0)
+  counts_BE = jnp.sum(jax.nn.one_hot(idx_BTK, e, dtype=jnp.float32) * w_BT[..., None, None],
+                      axis=(1, 2))
+  f_BE = jax.lax.stop_gradient(counts_BE * e / (k * t_B1))
+  p_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
+  p_BE = jnp.sum(p_BTE * w_BT[..., None], axis=1) / t_B1
   return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
 
 
-def switch_balance_loss(idx_NK, scores_NE):
+def switch_balance_loss(idx_NK, scores_NE, mask_N=None):
   """Switch-Transformer / Mixtral load-balancing loss over all N tokens of the call (HF Mixtral's
   `load_balancing_loss_func` for one layer): E * sum_e f_e P_e with f_e = #{(n, k): idx_nk = e} / N
-  and P_e = mean_n s_ne, so K when routing is uniform. Mixtral trained with weight 0.02."""
-  n, _ = idx_NK.shape
+  and P_e = mean_n s_ne, so K when routing is uniform. Mixtral trained with weight 0.02. With mask_N,
+  N counts only the masked-in tokens."""
   e = scores_NE.shape[-1]
-  f_E = jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=(0, 1)) / n
-  return e * jnp.sum(jax.lax.stop_gradient(f_E) * jnp.mean(scores_NE, axis=0))
+  w_N1 = _token_weights(mask_N, idx_NK.shape[0])
+  n = jnp.maximum(jnp.sum(w_N1), 1.0)
+  f_E = jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32) * w_N1[..., None], axis=(0, 1)) / n
+  return e * jnp.sum(jax.lax.stop_gradient(f_E) * (jnp.sum(scores_NE * w_N1, axis=0) / n))
 
 
 def z_loss(logits_NE):

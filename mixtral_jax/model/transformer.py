@@ -51,15 +51,16 @@ class Block(nnx.Module):
       return base + out
     return base * alpha + out * beta
 
-  def __call__(self, x_BTD, positions_BT, cache=None):
-    """Returns (x_BTD, cache, aux) with aux = {"load": f32[E] or None, "losses": {...}}."""
+  def __call__(self, x_BTD, positions_BT, cache=None, mask_BT=None):
+    """Returns (x_BTD, cache, aux) with aux = {"load": f32[E] or None, "losses": {...}}; mask_BT
+    (optional) marks the tokens counted in the router's load and balance losses."""
     h = self.input_norm(x_BTD)
     a, cache, losses = self.attn(h, positions_BT, cache)
     x_BTD = self._residual(x_BTD, h, a, self.attn_scales)
     h = self.post_attn_norm(x_BTD)
     load = None
     if self.is_moe:
-      m, moe_aux = self.mlp(h)
+      m, moe_aux = self.mlp(h, mask_BT)
       load = moe_aux["load"]
       losses = {**losses, **moe_aux["losses"]}
     else:
@@ -68,12 +69,12 @@ class Block(nnx.Module):
     return constrain(x_BTD, "batch", "length", "embed"), cache, {"load": load, "losses": losses}
 
 
-def _apply(block, x_BTD, positions_BT, cache, remat: bool):
-  """block(x, positions, cache); with `remat`, a full forward (no cache) recomputes the block's
-  activations in the backward pass instead of keeping them. The one remat path of the model."""
+def _apply(block, x_BTD, positions_BT, cache, remat: bool, mask_BT=None):
+  """block(x, positions, cache, mask); with `remat`, a full forward (no cache) recomputes the
+  block's activations in the backward pass instead of keeping them. The one remat path."""
   if remat and cache is None:
-    return nnx.remat(lambda b, x, p: b(x, p))(block, x_BTD, positions_BT)
-  return block(x_BTD, positions_BT, cache)
+    return nnx.remat(lambda b, x, p, m: b(x, p, None, m))(block, x_BTD, positions_BT, mask_BT)
+  return block(x_BTD, positions_BT, cache, mask_BT)
 
 
 class ScannedBlocks(nnx.Module):
@@ -93,18 +94,18 @@ class ScannedBlocks(nnx.Module):
     self.n = n
     self.remat = bool(cfg.remat)
 
-  def __call__(self, x_BTD, positions_BT, cache=None):
+  def __call__(self, x_BTD, positions_BT, cache=None, mask_BT=None):
     """Like Block.__call__; the cache and aux["load"] carry a leading [n] layer axis."""
     if cache is None:
       @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
       def body(block, x):
-        x, _, aux = _apply(block, x, positions_BT, None, self.remat)
+        x, _, aux = _apply(block, x, positions_BT, None, self.remat, mask_BT)
         return x, aux
       x_BTD, aux = body(self.blocks, x_BTD)
     else:
       @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0, 0))
       def body(block, x, c):
-        return _apply(block, x, positions_BT, c, self.remat)
+        return _apply(block, x, positions_BT, c, self.remat, mask_BT)
       x_BTD, cache, aux = body(self.blocks, x_BTD, cache)
     losses = {name: jnp.sum(v) for name, v in aux["losses"].items()}
     return x_BTD, cache, {"load": aux["load"], "losses": losses}
@@ -141,11 +142,13 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT):
     return self.forward(tokens_BT)[0]
 
-  def forward(self, tokens_BT, positions_BT=None, cache=None):
+  def forward(self, tokens_BT, positions_BT=None, cache=None, mask_BT=None):
     """Full causal forward (cache None) or an incremental step over a cache.
 
     tokens_BT: int32 [B, T]. positions_BT: int32 [B, T], default 0..T-1 (with a cache: the
-    absolute positions of these tokens). Returns (logits f32 [B, T, V], cache, aux) with
+    absolute positions of these tokens). mask_BT: bool [B, T], optional: the tokens that count in
+    the MoE routers' load and balance losses (the trainer passes tokens != PAD); the logits do not
+    depend on it. Returns (logits f32 [B, T, V], cache, aux) with
     aux = {"load": f32 [L_moe, E], "losses": {name: scalar summed over layers}}.
     """
     B, T = tokens_BT.shape
@@ -156,9 +159,10 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if isinstance(block, ScannedBlocks):  # remats inside its scan body
-        x_BTD, layer_cache, aux = block(x_BTD, positions_BT, layer_cache)
+        x_BTD, layer_cache, aux = block(x_BTD, positions_BT, layer_cache, mask_BT)
       else:
-        x_BTD, layer_cache, aux = _apply(block, x_BTD, positions_BT, layer_cache, self.cfg.remat)
+        x_BTD, layer_cache, aux = _apply(block, x_BTD, positions_BT, layer_cache, self.cfg.remat,
+                                         mask_BT)
       new_cache.append(layer_cache)
       if aux["load"] is not None:
         loads.append(aux["load"].reshape(-1, aux["load"].shape[-1]))

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mixtral_jax import config as config_lib
 from mixtral_jax import sharding
+from mixtral_jax.data.tokenizer import PAD
 from mixtral_jax.trainer import checkpoint as ckpt_lib
 from mixtral_jax.trainer import metrics as metrics_lib
 from mixtral_jax.trainer import optim
@@ -166,7 +167,9 @@ def make_train_step(config, graphdef, shardings, schedule, num_tasks: int):
     model, optimizer = nnx.merge(graphdef, state)
 
     def loss_fn(model):
-      logits_BTV, _, aux = model.forward(batch["inputs"])
+      # PAD positions (a short example padded to seq_len, e.g. under a length curriculum) would
+      # all route alike: they are left out of the router's load and balance losses.
+      logits_BTV, _, aux = model.forward(batch["inputs"], mask_BT=batch["inputs"] != PAD)
       # loss_on="answers": the next-token loss counts only the answer tokens (loss_mask).
       loss_batch = {**batch, "lm_mask": batch["loss_mask"]} if answers_only else batch
       loss, metrics = loss_and_metrics(logits_BTV, aux, loss_batch, num_tasks)
