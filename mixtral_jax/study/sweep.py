@@ -1,7 +1,8 @@
 """Runs the multi-hop study: every (variant, seed) trained, evaluated and timed, then summarized.
 
 One run = `trainer.train(config, run_dir)`, then `evaluation.evaluate_model` at the lengths of
-config.eval (the training length and 2x), then the XLA decode step time at a long context. Each
+config.eval (the training length and 2x), then the decode step time at a long context (on the decode kernels under
+attention_impl, XLA on CPU). Each
 run writes <workdir>/<variant>/seed<seed>/run.json; a run whose run.json exists is not redone,
 so an interrupted sweep continues where it stopped. With jobs > 1 the runs go to that many
 `python -m mixtral_jax.study` subprocesses at once: at this model size a train step is mostly
@@ -44,8 +45,19 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, variant, f"seed{seed}")
 
 
+def decode_implementation(config) -> str:
+  """The decode path the timing ran on: the configured attention_impl, None resolved to the
+  backend's best decode kernels (XLA on CPU). Layer kinds without a decode kernel (lightning, and
+  any the model logs as falling back) decode on XLA inside the same step."""
+  impl = config.model.attention_impl
+  if impl is None:
+    from mixtral_jax.kernels.decode_attention import api as decode_api
+    impl = decode_api.default_implementation()
+  return impl
+
+
 def decode_step_ms(model, config, mesh) -> float:
-  """Median wall time (ms) of one XLA decode step with a cache of config.study.decode_context
+  """Median wall time (ms) of one decode step with a cache of config.study.decode_context
   positions, the new token at the last position (every key of the cache in range).
 
   The cache holds zeros: the XLA decode paths do the same work whatever the cache holds. The
@@ -117,7 +129,7 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | No
       "step_ms": (1e3 * config.train.batch_size * config.train.seq_len / tps) if tps else None,
       "train_seconds": round(t1 - t0, 2), "eval_seconds": round(t2 - t1, 2),
       "decode_ms": decode_ms, "decode_context": int(config.study.decode_context),
-      "decode_implementation": "xla",
+      "decode_implementation": decode_implementation(config),
   }
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
