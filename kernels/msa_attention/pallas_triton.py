@@ -4,9 +4,9 @@ Same contract and layouts as pallas_tpu.py (the routed rows of `routing.Routing`
 - scores: one (query tile, batch * kv head, chunk of key blocks); per key block a [bq, I] x [I, bs]
   matmul reduced to its row max; chunks wholly in the future store -inf without loading.
 - forward: one (row tile, batch * kv head, head of the group); the tile's key block loaded by index.
-- backward: one (key block, batch * kv head, head of the group) looping over that block's tiles
-  (consecutive in the routed layout), so dk/dv accumulate in registers and each dq row is written
-  by exactly one program (no atomics); dk/dv per query head, summed over the group by the caller.
+- backward, two passes (no atomics): dq per (row tile, batch * kv head, head), like the forward;
+  dk/dv per (key block, batch * kv head, head) looping over that block's tiles (consecutive in the
+  routed layout) so they accumulate in registers; dk/dv per query head, summed over the group.
 On a GPU block_size, rows and the score tiles must be powers of two >= 16; head dims are
 zero-padded to one.
 """
@@ -15,6 +15,7 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -151,32 +152,56 @@ def sparse_forward(q_RGLH, k_RSH, v_RSH, pos_R1L, tile_block, tile_count, *, row
       out_specs=[row_spec, pl.BlockSpec((None, None, rows), lambda j, r, g: (r, g, j))],
       out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
                  jax.ShapeDtypeStruct((n, groups, length), jnp.float32)],
+      compiler_params=_compiler_params(hp, q_.dtype.itemsize, max(rows, block_size)),
       interpret=interpret,
       name="msa_sparse_attention_fwd_triton",
   )(tile_block.reshape(-1), tile_count, q_, k_, _pad_last(v_RSH, hp), pos)
   return o[..., :h], lse[:, :, None, :]
 
 
-def _bwd_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, di_ref,
-                dq_ref, dk_ref, dv_ref, *, num_blocks, rows, block_size, sm_scale):
+def _compiler_params(hp, itemsize, tile):
+  # As block_sparse_attention's Triton kernels (compiled on H200 at 128 x 128 tiles, d 128, bf16):
+  # two pipeline stages of two [tile, hp] operands must fit in 128 KiB, 8 warps at d > 64.
+  stage_bytes = 2 * tile * hp * itemsize
+  return plgpu.CompilerParams(num_warps=4 if hp <= 64 else 8,
+                              num_stages=2 if 2 * stage_bytes <= 128 * 1024 else 1)
+
+
+def _dq_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, di_ref, dq_ref, *,
+               nt, block_size, sm_scale):
+  j, r = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(j < cnt_ref[r])
+  def _step():
+    blk = blk_ref[r * nt + j]
+    s, k = _tile_scores(q_ref[...], k_ref, pos_ref[...], blk, block_size=block_size,
+                        sm_scale=sm_scale)
+    p = jnp.exp(s - lse_ref[...][:, None])                             # [rows, bs]
+    v = v_ref[pl.ds(blk * block_size, block_size), :]
+    ds = p * (_dot(do_ref[...], v, _NT) - di_ref[...][:, None])
+    dq_ref[...] = _dot(ds.astype(k.dtype), k) * sm_scale
+
+
+def _dkv_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, di_ref,
+                dk_ref, dv_ref, *, num_blocks, rows, block_size, sm_scale):
+  # Transposed orientation (keys along rows), as block_sparse_attention's dk/dv kernel: the
+  # accumulators stay [bs, H] and no [rows, bs] tile is transposed.
   c, r = pl.program_id(0), pl.program_id(1)
   first, count = first_ref[r * num_blocks + c], ntiles_ref[r * num_blocks + c]
   k_pos = c * block_size + jnp.arange(block_size)
-  k = k_ref[...]
-  v = v_ref[...]
+  k, v = k_ref[...], v_ref[...]
 
   def body(tt, carry):
     dk, dv = carry
     sl = pl.ds((first + tt) * rows, rows)
     q, do = q_ref[sl, :], do_ref[sl, :]
     pos, lse, di = pos_ref[sl], lse_ref[sl], di_ref[sl]
-    s = _dot(q, k, _NT) * sm_scale
-    s = jnp.where(k_pos[None, :] <= pos[:, None], s, -jnp.inf)
-    p = jnp.exp(s - lse[:, None])                                       # [rows, bs]
-    dv = dv + _dot(p.T.astype(do.dtype), do)
-    ds = p * (_dot(do, v, _NT) - di[:, None])
-    dk = dk + _dot(ds.T.astype(q.dtype), q)
-    dq_ref[sl, :] = _dot(ds.astype(k.dtype), k) * sm_scale
+    s_t = _dot(k, q, _NT) * sm_scale                                    # [bs, rows]
+    s_t = jnp.where(k_pos[:, None] <= pos[None, :], s_t, -jnp.inf)
+    p_t = jnp.exp(s_t - lse[None, :])
+    dv = dv + _dot(p_t.astype(do.dtype), do)
+    ds_t = p_t * (_dot(v, do, _NT) - di[None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q)
     return dk, dv
 
   zeros = jnp.zeros((block_size, k.shape[-1]), jnp.float32)
@@ -187,11 +212,34 @@ def _bwd_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse
 
 def sparse_backward(q_RGLH, k_RSH, v_RSH, pos_R1L, do_RGLH, lse_RG1L, di_RG1L, tile_block,
                     tile_count, *, rows, block_size, sm_scale, interpret=False):
-  """(dq rows [R, G, L, H] f32, dk, dv [R, S, H] f32): same contract as pallas_tpu.sparse_backward."""
+  """(dq rows [R, G, L, H] f32, dk, dv [R, S, H] f32): same contract as pallas_tpu.sparse_backward.
+
+  Two passes (the fused one asked Hopper for 291 KiB of shared memory): dq per row tile (its one
+  key block, like the forward), dk/dv per key block looping over the block's consecutive tiles.
+  """
   n, groups, length, h = q_RGLH.shape
   sp = k_RSH.shape[1]
   nt, num_blocks = length // rows, sp // block_size
   hp, q_, k_, pos = _layouts(q_RGLH, k_RSH, pos_R1L)
+  v_, do_ = _pad_last(v_RSH, hp), _pad_last(do_RGLH, hp)
+  lse, di = lse_RG1L[:, :, 0], di_RG1L[:, :, 0]
+  params = _compiler_params(hp, q_.dtype.itemsize, max(rows, block_size))
+
+  row_spec = pl.BlockSpec((None, None, rows, hp), lambda j, r, g: (r, g, j, 0))
+  kv_full = pl.BlockSpec((None, sp, hp), lambda j, r, g: (r, 0, 0))
+  lane_tile = pl.BlockSpec((None, None, rows), lambda j, r, g: (r, g, j))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, nt=nt, block_size=block_size, sm_scale=sm_scale),
+      grid=(nt, n, groups),
+      in_specs=[pl.BlockSpec(), pl.BlockSpec(), row_spec, kv_full, kv_full,
+                pl.BlockSpec((None, rows), lambda j, r, g: (r, j)), row_spec, lane_tile, lane_tile],
+      out_specs=row_spec,
+      out_shape=jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
+      compiler_params=params,
+      interpret=interpret,
+      name="msa_sparse_attention_dq_triton",
+  )(tile_block.reshape(-1), tile_count, q_, k_, v_, pos, do_, lse, di)
+
   # Each block's run of tiles: first tile and count (tiles past the real ones belong to none).
   real = jnp.arange(nt) < tile_count[:, None]
   keyed = jnp.where(real, tile_block, num_blocks)
@@ -202,18 +250,16 @@ def sparse_backward(q_RGLH, k_RSH, v_RSH, pos_R1L, do_RGLH, lse_RG1L, di_RG1L, t
   kv_spec = pl.BlockSpec((None, block_size, hp), lambda c, r, g: (r, c, 0))
   lane = pl.BlockSpec((None, None, length), lambda c, r, g: (r, g, 0))
   part = pl.BlockSpec((None, None, block_size, hp), lambda c, r, g: (r, g, c, 0))
-  dq, dk, dv = pl.pallas_call(
-      functools.partial(_bwd_kernel, num_blocks=num_blocks, rows=rows, block_size=block_size,
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, num_blocks=num_blocks, rows=rows, block_size=block_size,
                         sm_scale=sm_scale),
       grid=(num_blocks, n, groups),
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), full_rows, kv_spec, kv_spec,
                 pl.BlockSpec((None, length), lambda c, r, g: (r, 0)), full_rows, lane, lane],
-      out_specs=[full_rows, part, part],
-      out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
-                 jax.ShapeDtypeStruct((n, groups, sp, hp), jnp.float32),
-                 jax.ShapeDtypeStruct((n, groups, sp, hp), jnp.float32)],
+      out_specs=[part, part],
+      out_shape=[jax.ShapeDtypeStruct((n, groups, sp, hp), jnp.float32)] * 2,
+      compiler_params=params,
       interpret=interpret,
-      name="msa_sparse_attention_bwd_triton",
-  )(lo.reshape(-1), (hi - lo).reshape(-1), q_, k_, _pad_last(v_RSH, hp), pos,
-    _pad_last(do_RGLH, hp), lse_RG1L[:, :, 0], di_RG1L[:, :, 0])
+      name="msa_sparse_attention_dkv_triton",
+  )(lo.reshape(-1), (hi - lo).reshape(-1), q_, k_, v_, pos, do_, lse, di)
   return dq[..., :h], dk.sum(axis=1)[..., :h], dv.sum(axis=1)[..., :h]
