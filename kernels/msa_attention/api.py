@@ -36,10 +36,14 @@ _WARNED = set()
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles: scores_q / scores_chunk = query tile and key chunk of the index-score kernel (the chunk
-  a multiple of block_size); rows = the routed row tile of sparse attention."""
+  a multiple of block_size); rows = the routed row tile of sparse attention; fused_select: on
+  Triton, per-group selection runs as one kernel (block max + running top-k) with query tiles of
+  select_q, instead of block scores [B, K, T, C] then lax.top_k."""
   scores_q: int = 128
   scores_chunk: int = 1024
   rows: int = 128
+  fused_select: bool = True
+  select_q: int = 64
 
 
 def default_implementation(backend=None):
@@ -146,6 +150,18 @@ def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_bloc
   b, t, kh, _ = q_idx_BTKI.shape
   s = k_idx_BSI.shape[1]
   c = -(-s // block_size)
+  base = s - t if q_offset is None else q_offset
+  chosen = _resolve(implementation, "msa_select")
+  if chosen == "pallas_triton" and selection == "per_group" and block_sizes.fused_select:
+    try:  # fused block max + running top-k: no [T, C] block scores in memory
+      return _module(chosen).select_topk(
+          jax.lax.stop_gradient(q_idx_BTKI), jax.lax.stop_gradient(k_idx_BSI),
+          jnp.asarray(base, jnp.int32), block_size=block_size, top_k=top_k,
+          local_blocks=local_blocks, block_q=block_sizes.select_q, interpret=interpret)
+    except ValueError as err:
+      if implementation is not None:
+        raise
+      _fallback("msa_select", chosen, err)
 
   def select(q_chunk, q_offset):
     scores_BKTC = msa_block_scores(q_chunk, k_idx_BSI, block_size=block_size, q_offset=q_offset,
@@ -157,7 +173,6 @@ def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_bloc
                                       local_blocks=local_blocks, num_keys=s, q_offset=q_offset)
     return jnp.broadcast_to(indices, (b, kh) + indices.shape[2:])
 
-  base = s - t if q_offset is None else q_offset
   tq = block_sizes.scores_q
   step = max(tq, SCORE_BYTES // (b * kh * c * 4) // tq * tq)
   if step >= t:

@@ -102,6 +102,72 @@ def block_scores(q_idx_BTKI, k_idx_BSI, q_offset, *, block_size, block_q, key_ch
   return jnp.swapaxes(out.reshape(b, kh, nc * m, tp)[:, :, :c, :t], 2, 3)
 
 
+def _topk_kernel(off_ref, q_ref, k_ref, o_ref, *, bq, block_size, num_keys, num_blocks, top_k,
+                 local_blocks):
+  i = pl.program_id(0)
+  offset = off_ref[0]
+  kp = o_ref.shape[-1]
+  q = q_ref[...]
+  q_pos = i * bq + offset + jnp.arange(bq)
+  row_blk = q_pos // block_size
+  slot = jnp.arange(kp)[None, :]
+  last = jnp.minimum((i * bq + bq - 1 + offset) // block_size + 1, num_blocks)
+
+  def body(c, carry):
+    val, idx = carry                                                  # [bq, kp] f32 / int32
+    s = _dot(q, k_ref[pl.ds(c * block_size, block_size), :], _NT)    # [bq, bs]
+    k_pos = c * block_size + jnp.arange(block_size)
+    s = jnp.where((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < num_keys), s, -jnp.inf)
+    score = jnp.max(s, axis=1)
+    forced = (c <= row_blk) & (c > row_blk - local_blocks)            # the local blocks: +inf
+    score = jnp.where(forced, jnp.inf, score)
+    low = jnp.min(val, axis=1)
+    # Evict the highest block id among the lowest scores (lax.top_k keeps lower ids on ties);
+    # empty slots hold distinct negative ids so exactly one slot is replaced.
+    victim = jnp.max(jnp.where(val == low[:, None], idx, -kp - 1), axis=1)
+    hit = (score > low)[:, None] & (idx == victim[:, None])
+    return jnp.where(hit, score[:, None], val), jnp.where(hit, c, idx)
+
+  # Padding slots (kp > top_k) start at +inf: never the minimum, never replaced.
+  val0 = jnp.where(slot < top_k, -jnp.inf, jnp.inf) + jnp.zeros((bq, kp), jnp.float32)
+  idx0 = -1 - slot + jnp.zeros((bq, kp), jnp.int32)
+  _, idx = lax.fori_loop(0, last, body, (val0, idx0))
+  o_ref[...] = jnp.where(idx < 0, -1, idx)
+
+
+def select_topk(q_idx_BTKI, k_idx_BSI, q_offset, *, block_size, top_k, local_blocks, block_q,
+                interpret=False):
+  """Fused selection, per GQA group: block max of index scores and a running top-k per query, so
+  neither [T, S] scores nor [T, C] block scores reach memory. Index lists int32 [B, K, T, k]
+  (k = min(top_k, C), -1 = empty; slot order differs from lax.top_k, the set is the same)."""
+  b, t, kh, di = q_idx_BTKI.shape
+  s = k_idx_BSI.shape[1]
+  if not interpret and (not _pow2(block_size) or block_size < 16 or not _pow2(block_q) or block_q < 16):
+    raise ValueError(f"pallas_triton: block_size={block_size} and block_q={block_q} must be "
+                     "powers of two >= 16")
+  c = -(-s // block_size)
+  k = min(top_k, c)
+  kp = pl.next_power_of_2(k)
+  dp = pl.next_power_of_2(di)
+  tp, sp = -(-t // block_q) * block_q, c * block_size
+  q_ = _pad_last(jnp.pad(q_idx_BTKI, ((0, 0), (0, tp - t), (0, 0), (0, 0))), dp)
+  k_ = _pad_last(jnp.pad(k_idx_BSI, ((0, 0), (0, sp - s), (0, 0))), dp).astype(q_.dtype)
+  out = pl.pallas_call(
+      functools.partial(_topk_kernel, bq=block_q, block_size=block_size, num_keys=s,
+                        num_blocks=c, top_k=k, local_blocks=local_blocks),
+      grid=(tp // block_q, b * kh),
+      in_specs=[pl.BlockSpec(),
+                pl.BlockSpec((None, block_q, None, dp), lambda i, r: (r // kh, i, r % kh, 0)),
+                pl.BlockSpec((None, sp, dp), lambda i, r: (r // kh, 0, 0))],
+      out_specs=pl.BlockSpec((None, block_q, kp), lambda i, r: (r, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b * kh, tp, kp), jnp.int32),
+      compiler_params=_compiler_params(dp, q_.dtype.itemsize, max(block_q, block_size)),
+      interpret=interpret,
+      name="msa_select_topk_triton",
+  )(jnp.reshape(q_offset, (1,)).astype(jnp.int32), q_, k_)
+  return out.reshape(b, kh, tp, kp)[:, :, :t, :k]
+
+
 def _tile_scores(q, k_ref, pos, blk, *, block_size, sm_scale):
   """Scores [rows, bs] of one tile against key block blk; -inf after each row's query."""
   k = k_ref[pl.ds(blk * block_size, block_size), :]
