@@ -336,6 +336,9 @@ def msa_attention(q_BTNH, k_BSKH, v_BSKH, indices_BKTk, *, block_size: int, sm_s
                                               q_offset=q_offset)
 
 
+KL_BYTES = 2 ** 28  # per query chunk of the KL loss (rematerialized in the backward)
+
+
 def msa_indexer_kl(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *, block_size: int,
                    scale: float, index_scale: float, implementation=None, interpret=False):
   """Mean over (B, K, T) of KL(group-mean main attention || indexer softmax) over the selected
@@ -346,7 +349,12 @@ def msa_indexer_kl(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *, block
   _check_index(q_idx_BTKI, k_idx_BSI)
   _resolve(implementation, "msa_indexer_kl")
   del interpret
+  b, t, n, h = q_BTNH.shape
+  kh, k = k_BSKH.shape[2], indices_BKTk.shape[-1]
+  # Queries per chunk: ~KL_BYTES of gathered keys, index keys and probabilities per step.
+  per_query = b * kh * k * block_size * (2 * h + 4 * q_idx_BTKI.shape[-1] + 4 * (n // kh + 3))
+  chunk = 1 << max(4, min(10, (KL_BYTES // per_query).bit_length() - 1))
   return reference.indexer_kl_reference(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI,
                                         jax.lax.stop_gradient(indices_BKTk),
                                         block_size=block_size, scale=scale,
-                                        index_scale=index_scale)
+                                        index_scale=index_scale, chunk=chunk)
