@@ -111,7 +111,7 @@ def _topk_kernel(off_ref, q_ref, k_ref, o_ref, *, bq, block_size, num_keys, num_
   q_pos = i * bq + offset + jnp.arange(bq)
   row_blk = q_pos // block_size
   slot = jnp.arange(kp)[None, :]
-  last = jnp.minimum((i * bq + bq - 1 + offset) // block_size + 1, num_blocks)
+  last = jnp.minimum((i * bq + bq - 1 + offset) // block_size + 1, num_blocks).astype(jnp.int32)
 
   def body(c, carry):
     val, idx = carry                                                  # [bq, kp] f32 / int32
