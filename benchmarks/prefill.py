@@ -41,6 +41,7 @@ parser.add_argument("--kl", action="store_true", help="also time the indexer KL 
 parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for prefill.md")
 parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke run)")
 INTERPRET = False
+OUT = None
 
 
 def inputs(t, seed=0):
@@ -138,25 +139,42 @@ def check(impl, t):
   return ok
 
 
+def write_table(rows, out):
+  """The table so far, also written to out/prefill.md (after every row: a run cut short by its
+  time limit keeps the rows it finished)."""
+  table = ["| T | path | ms | x cuDNN | temp GiB |", "|---|---|---|---|---|"]
+  table += [f"| {t} | {n} | {ms} | {sp} | {mem} |" for t, n, ms, sp, mem in rows]
+  text = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}: "
+          f"B={B}, {N}/{KH} heads, d {H}, index d {I}, bf16, top-{TOP_K} of {BLOCK}-blocks\n\n"
+          + "\n".join(table))
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "prefill.md"), "w") as f:
+      f.write(text + "\n")
+  return text
+
+
 def run_row(rows, t, name, fn, args, reps, base=None):
   try:
     sec, temp = bench(fn, args, reps)
     speed = f"{base / sec:.2f}x" if base else ""
     rows.append((t, name, f"{sec * 1e3:.1f}", speed, f"{temp / 2**30:.1f}"))
+    write_table(rows, OUT)
     print(f"T={t} {name}: {sec * 1e3:.1f} ms {speed}", flush=True)
     return sec
   except Exception as err:  # noqa: BLE001  (OOM or a lowering error: report it, keep going)
     msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
     rows.append((t, name, "-", msg, "-"))
+    write_table(rows, OUT)
     print(f"T={t} {name}: FAILED {msg}", flush=True)
     traceback.print_exc(limit=3)
     return None
 
 
 def main():
-  global INTERPRET
+  global INTERPRET, OUT
   args = parser.parse_args()
-  INTERPRET = args.interpret
+  INTERPRET, OUT = args.interpret, args.out
   ints = lambda s: [int(x) for x in s.split(",") if x]
   impls = [x for x in args.impls.split(",") if x]
   print(jax.devices()[0].device_kind, jax.__version__, flush=True)
@@ -178,19 +196,20 @@ def main():
     base_bwd = run_row(rows, t, "cuDNN dense causal fwd+bwd", with_grad(cudnn),
                        (q, k, v, do), reps) if grads else None
     for impl in impls + (["xla"] if t in ints(args.xla_seqs) else []):
+      # Most wanted first (the GPU run has a hard time limit): end to end fwd, fwd+bwd, parts.
       run_row(rows, t, f"MSA {impl} prefill fwd", prefill(impl), (q, k, v, qi, ki), reps, base)
+      if grads:
+        run_row(rows, t, f"MSA {impl} prefill fwd+bwd", with_grad(prefill(impl)),
+                (q, k, v, qi, ki, do), reps, base_bwd)
       run_row(rows, t, f"MSA {impl} selection only (fused scores + top-k)", select(impl),
               (qi, ki), reps, base)
+      idx = jax.jit(select(impl))(qi, ki)
+      run_row(rows, t, f"MSA {impl} attention only fwd", attend(impl), (q, k, v, idx), reps, base)
       if impl != "xla":
         run_row(rows, t, f"MSA {impl} selection, unfused (block scores, then lax.top_k)",
                 select(impl, fused=False), (qi, ki), reps, base)
         run_row(rows, t, f"MSA {impl} block scores only [B, K, T, C]", block_scores(impl),
                 (qi, ki), reps, base)
-      idx = jax.jit(select(impl))(qi, ki)
-      run_row(rows, t, f"MSA {impl} attention only fwd", attend(impl), (q, k, v, idx), reps, base)
-      if grads:
-        run_row(rows, t, f"MSA {impl} prefill fwd+bwd", with_grad(prefill(impl)),
-                (q, k, v, qi, ki, do), reps, base_bwd)
       if args.kl and grads:
         kl = lambda q_idx, k_idx, q, k, idx: msa.msa_indexer_kl(
             q, k, q_idx, k_idx, idx, block_size=BLOCK, scale=H ** -0.5, index_scale=I ** -0.5)
@@ -198,17 +217,7 @@ def main():
                 (qi, ki, q, k, idx), reps)
       del idx
     del q, k, v, qi, ki, do
-  table = ["| T | path | ms | x cuDNN | temp GiB |", "|---|---|---|---|---|"]
-  table += [f"| {t} | {n} | {ms} | {sp} | {mem} |" for t, n, ms, sp, mem in rows]
-  text = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}: "
-          f"B={B}, {N}/{KH} heads, d {H}, index d {I}, bf16, top-{TOP_K} of {BLOCK}-blocks\n\n"
-          + "\n".join(table))
-  print(text)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefill.md"), "w") as f:
-      f.write(text + "\n")
-
+  print(write_table(rows, args.out))
 
 if __name__ == "__main__":
   main()
