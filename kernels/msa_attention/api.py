@@ -43,7 +43,7 @@ class BlockSizes:
   scores_chunk: int = 1024
   rows: int = 128
   fused_select: bool = True
-  select_q: int = 64
+  select_q: int = 128
 
 
 def default_implementation(backend=None):
