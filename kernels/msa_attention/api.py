@@ -287,7 +287,7 @@ def _sparse_bwd(st, res, do):
         lane_rows(jnp.where(jnp.isfinite(lse_GT1), lse_GT1, 0.0)), lane_rows(di_GT1),
         rt1.tile_block, rt1.tile_count, rows=st.rows, block_size=st.block_size,
         sm_scale=st.sm_scale, interpret=st.interpret)
-    dq = routing_lib.from_rows(dq_rows, rt1).sum(axis=-2)[0].astype(q.dtype)
+    dq = routing_lib.from_rows(dq_rows, rt1).astype(jnp.float32).sum(axis=-2)[0].astype(q.dtype)
     seen = jnp.repeat(routing_lib.visited_blocks(rt1, c), st.block_size, axis=1)[:, :, None]
     return dq, jnp.where(seen, dk, 0.0)[0], jnp.where(seen, dv, 0.0)[0]
 

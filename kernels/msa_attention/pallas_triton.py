@@ -192,7 +192,7 @@ def _fwd_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, lse_ref, 
     empty = l == 0.0
     p = p * jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))[:, None]
     v = v_ref[pl.ds(blk * block_size, block_size), :]
-    o_ref[...] = _dot(p.astype(v.dtype), v)
+    o_ref[...] = _dot(p.astype(v.dtype), v).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
@@ -203,7 +203,8 @@ def _layouts(q_RGLH, k_RSH, pos_R1L):
 
 def sparse_forward(q_RGLH, k_RSH, v_RSH, pos_R1L, tile_block, tile_count, *, rows, block_size,
                    sm_scale, interpret=False):
-  """Routed rows -> (partial out [R, G, L, H] f32, partial lse [R, G, 1, L] f32, -inf if empty)."""
+  """Routed rows -> (partial out [R, G, L, H] in q's dtype, partial lse [R, G, 1, L] f32, -inf if
+  empty). The partials are k x the size of q: bf16 halves the bytes the combine moves."""
   n, groups, length, h = q_RGLH.shape
   sp = k_RSH.shape[1]
   nt = length // rows
@@ -216,7 +217,7 @@ def sparse_forward(q_RGLH, k_RSH, v_RSH, pos_R1L, tile_block, tile_count, *, row
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), row_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, rows), lambda j, r, g: (r, j))],
       out_specs=[row_spec, pl.BlockSpec((None, None, rows), lambda j, r, g: (r, g, j))],
-      out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((n, groups, length, hp), q_RGLH.dtype),
                  jax.ShapeDtypeStruct((n, groups, length), jnp.float32)],
       compiler_params=_compiler_params(hp, q_.dtype.itemsize, max(rows, block_size)),
       interpret=interpret,
@@ -245,7 +246,7 @@ def _dq_kernel(blk_ref, cnt_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, 
     p = jnp.exp(s - lse_ref[...][:, None])                             # [rows, bs]
     v = v_ref[pl.ds(blk * block_size, block_size), :]
     ds = p * (_dot(do_ref[...], v, _NT) - di_ref[...][:, None])
-    dq_ref[...] = _dot(ds.astype(k.dtype), k) * sm_scale
+    dq_ref[...] = (_dot(ds.astype(k.dtype), k) * sm_scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse_ref, di_ref,
@@ -278,7 +279,7 @@ def _dkv_kernel(first_ref, ntiles_ref, q_ref, k_ref, v_ref, pos_ref, do_ref, lse
 
 def sparse_backward(q_RGLH, k_RSH, v_RSH, pos_R1L, do_RGLH, lse_RG1L, di_RG1L, tile_block,
                     tile_count, *, rows, block_size, sm_scale, interpret=False):
-  """(dq rows [R, G, L, H] f32, dk, dv [R, S, H] f32): same contract as pallas_tpu.sparse_backward.
+  """(dq rows [R, G, L, H] in q's dtype, dk, dv [R, S, H] f32): pallas_tpu.sparse_backward's contract.
 
   Two passes (the fused one asked Hopper for 291 KiB of shared memory): dq per row tile (its one
   key block, like the forward), dk/dv per key block looping over the block's consecutive tiles.
@@ -300,7 +301,7 @@ def sparse_backward(q_RGLH, k_RSH, v_RSH, pos_R1L, do_RGLH, lse_RG1L, di_RG1L, t
       in_specs=[pl.BlockSpec(), pl.BlockSpec(), row_spec, kv_full, kv_full,
                 pl.BlockSpec((None, rows), lambda j, r, g: (r, j)), row_spec, lane_tile, lane_tile],
       out_specs=row_spec,
-      out_shape=jax.ShapeDtypeStruct((n, groups, length, hp), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((n, groups, length, hp), q_RGLH.dtype),
       compiler_params=params,
       interpret=interpret,
       name="msa_sparse_attention_dq_triton",
