@@ -175,3 +175,19 @@ def test_routing_places_every_slot_in_a_tile_of_its_block():
         r = rows_of[t, j]
         assert rt.row_query[0, r] == t and rt.tile_block[0, r // 2] == idx[0, 0, t, j]
   assert int(rt.tile_count[0]) == 2 + 2 + 1  # blocks 0, 1, 2 hold 3, 3, 2 slots in tiles of 2
+
+
+@pytest.mark.parametrize("top_k,local", [(3, 1), (4, 2), (9, 1)])
+def test_fused_triton_selection_breaks_ties_as_top_k(top_k, local):
+  # Integer index vectors make many equal block scores: the running top-k must keep lower block
+  # ids on ties, as lax.top_k does; k >= number of blocks leaves -1 slots.
+  ks = jax.random.split(jax.random.key(7), 2)
+  q_idx = jax.random.randint(ks[0], (2, 45, 2, 4), -1, 2).astype(jnp.float32)
+  k_idx = jax.random.randint(ks[1], (2, 61, 4), -1, 2).astype(jnp.float32)
+  kw = dict(block_size=8, top_k=top_k, local_blocks=local, interpret=True, block_sizes=SMALL)
+  want = M.msa_select(q_idx, k_idx, implementation="xla", **kw)
+  got = M.msa_select(q_idx, k_idx, implementation="pallas_triton", **kw)
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(selection.block_mask_from_indices(got, 8),
+                                selection.block_mask_from_indices(want, 8))
+  np.testing.assert_array_equal((got < 0).sum(-1), (want < 0).sum(-1))

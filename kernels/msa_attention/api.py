@@ -36,10 +36,14 @@ _WARNED = set()
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiles: scores_q / scores_chunk = query tile and key chunk of the index-score kernel (the chunk
-  a multiple of block_size); rows = the routed row tile of sparse attention."""
+  a multiple of block_size); rows = the routed row tile of sparse attention; fused_select: on
+  Triton, per-group selection runs as one kernel (block max + running top-k) with query tiles of
+  select_q, instead of block scores [B, K, T, C] then lax.top_k."""
   scores_q: int = 128
   scores_chunk: int = 1024
   rows: int = 128
+  fused_select: bool = True
+  select_q: int = 128
 
 
 def default_implementation(backend=None):
@@ -130,10 +134,12 @@ def msa_block_scores(q_idx_BTKI, k_idx_BSI, *, block_size: int, q_offset=None,
 
 
 def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_blocks: int = 1,
-               selection: str = "per_group", implementation=None, interpret=False,
+               selection: str = "per_group", q_offset=None, implementation=None, interpret=False,
                block_sizes: BlockSizes = BlockSizes()):
   """Index lists int32 [B, K, T, min(top_k, C)] (-1 = empty): `msa.msa_selection`'s choice.
 
+  Query i sits at position i + q_offset (default S - T; traced is fine: a prefill chunk written
+  into a longer cache).
   selection 'max_heads' takes the max over the K index heads before one shared top-k. Long
   sequences score and select a chunk of queries at a time (SCORE_BYTES of block scores per step).
   """
@@ -144,6 +150,18 @@ def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_bloc
   b, t, kh, _ = q_idx_BTKI.shape
   s = k_idx_BSI.shape[1]
   c = -(-s // block_size)
+  base = s - t if q_offset is None else q_offset
+  chosen = _resolve(implementation, "msa_select")
+  if chosen == "pallas_triton" and selection == "per_group" and block_sizes.fused_select:
+    try:  # fused block max + running top-k: no [T, C] block scores in memory
+      return _module(chosen).select_topk(
+          jax.lax.stop_gradient(q_idx_BTKI), jax.lax.stop_gradient(k_idx_BSI),
+          jnp.asarray(base, jnp.int32), block_size=block_size, top_k=top_k,
+          local_blocks=local_blocks, block_q=block_sizes.select_q, interpret=interpret)
+    except ValueError as err:
+      if implementation is not None:
+        raise
+      _fallback("msa_select", chosen, err)
 
   def select(q_chunk, q_offset):
     scores_BKTC = msa_block_scores(q_chunk, k_idx_BSI, block_size=block_size, q_offset=q_offset,
@@ -158,11 +176,11 @@ def msa_select(q_idx_BTKI, k_idx_BSI, *, block_size: int, top_k: int, local_bloc
   tq = block_sizes.scores_q
   step = max(tq, SCORE_BYTES // (b * kh * c * 4) // tq * tq)
   if step >= t:
-    return select(q_idx_BTKI, s - t)
+    return select(q_idx_BTKI, base)
   n = -(-t // step)
   q_ = jnp.pad(q_idx_BTKI, ((0, 0), (0, n * step - t), (0, 0), (0, 0)))
   q_ = jnp.moveaxis(q_.reshape(b, n, step, kh, -1), 1, 0)
-  out = jax.lax.map(lambda a: select(a[1], a[0] * step + s - t), (jnp.arange(n), q_))
+  out = jax.lax.map(lambda a: select(a[1], a[0] * step + base), (jnp.arange(n), q_))
   return jnp.moveaxis(out, 0, 2).reshape(b, kh, n * step, -1)[:, :, :t]
 
 
@@ -215,12 +233,12 @@ def _row(rt, pos, u, chunks):
   return routing_lib.Routing(*(take(x) for x in rt)), take(pos)
 
 
-def _sparse_fwd(q, k, v, indices, st):
+def _sparse_fwd(q, k, v, indices, q_offset, st):
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   c = -(-s // st.block_size)
   rt = routing_lib.make_routing(indices.astype(jnp.int32), c, st.rows)
-  pos = jnp.where(rt.row_query >= 0, rt.row_query + s - t, -1)[:, None, :]
+  pos = jnp.where(rt.row_query >= 0, rt.row_query + q_offset, -1)[:, None, :]
   per = _head_chunks(n // kh, rt.row_query.shape[1], h)
   chunks = n // kh // per
   k_, v_ = _keys(k, st.block_size), _keys(v.astype(k.dtype), st.block_size)
@@ -243,9 +261,9 @@ def _sparse_fwd(q, k, v, indices, st):
   return o, (q, k, v, o, lse_u, pos, rt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sparse_kernel(q, k, v, indices, st):
-  return _sparse_fwd(q, k, v, indices, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _sparse_kernel(q, k, v, indices, q_offset, st):
+  return _sparse_fwd(q, k, v, indices, q_offset, st)[0]
 
 
 def _sparse_bwd(st, res, do):
@@ -269,7 +287,7 @@ def _sparse_bwd(st, res, do):
         lane_rows(jnp.where(jnp.isfinite(lse_GT1), lse_GT1, 0.0)), lane_rows(di_GT1),
         rt1.tile_block, rt1.tile_count, rows=st.rows, block_size=st.block_size,
         sm_scale=st.sm_scale, interpret=st.interpret)
-    dq = routing_lib.from_rows(dq_rows, rt1).sum(axis=-2)[0].astype(q.dtype)
+    dq = routing_lib.from_rows(dq_rows, rt1).astype(jnp.float32).sum(axis=-2)[0].astype(q.dtype)
     seen = jnp.repeat(routing_lib.visited_blocks(rt1, c), st.block_size, axis=1)[:, :, None]
     return dq, jnp.where(seen, dk, 0.0)[0], jnp.where(seen, dv, 0.0)[0]
 
@@ -281,37 +299,44 @@ def _sparse_bwd(st, res, do):
   def kv_grad(x, like):  # [R * chunks, Sp, H] -> sum over head chunks -> [B, S, K, H]
     x = x.reshape(b, kh, chunks, -1, h).sum(axis=2)[:, :, :s]
     return jnp.swapaxes(x, 1, 2).astype(like.dtype)
-  return dq, kv_grad(dk_u, k), kv_grad(dv_u, v), None
+  return dq, kv_grad(dk_u, k), kv_grad(dv_u, v), None, None
 
 
 _sparse_kernel.defvjp(_sparse_fwd, _sparse_bwd)
 
 
 def msa_attention(q_BTNH, k_BSKH, v_BSKH, indices_BKTk, *, block_size: int, sm_scale=None,
-                  implementation=None, interpret=False, block_sizes: BlockSizes = BlockSizes()):
+                  q_offset=None, implementation=None, interpret=False,
+                  block_sizes: BlockSizes = BlockSizes()):
   """Causal GQA softmax attention of each query over the keys of its selected blocks.
 
   q [B, T, N, H]; k, v [B, S, K, H]; indices int32 [B, K, T, k] from `msa_select` (-1 = empty, no
-  repeats). Logits and softmax in float32. Returns y [B, T, N, H] in q's dtype, differentiable in
-  q, k, v (indices are not).
+  repeats); query i at position i + q_offset (default S - T; traced is fine). Logits and softmax
+  in float32. Returns y [B, T, N, H] in q's dtype, differentiable in q, k, v (indices are not).
   """
   _check_blocks(block_size)
   _check_qkv(q_BTNH, k_BSKH, v_BSKH, indices_BKTk)
   chosen = _resolve(implementation, "msa_attention")
   sm_scale = float(1.0 / math.sqrt(q_BTNH.shape[-1]) if sm_scale is None else sm_scale)
   indices_BKTk = jax.lax.stop_gradient(indices_BKTk)
+  q_offset = jnp.asarray(k_BSKH.shape[1] - q_BTNH.shape[1] if q_offset is None else q_offset,
+                         jnp.int32)
   if chosen != "xla":
     st = _Static(chosen, block_size, sm_scale, block_sizes.rows, bool(interpret))
     try:
       if chosen == "pallas_triton":
         _module(chosen).check_supported(q_BTNH, k_BSKH, st.block_size, st.rows, interpret)
-      return _sparse_kernel(q_BTNH, k_BSKH, v_BSKH, indices_BKTk, st)
+      return _sparse_kernel(q_BTNH, k_BSKH, v_BSKH, indices_BKTk, q_offset, st)
     except ValueError as err:
       if implementation is not None:
         raise
       _fallback("msa_attention", chosen, err)
   return reference.sparse_attention_reference(q_BTNH, k_BSKH, v_BSKH, indices_BKTk,
-                                              block_size=block_size, sm_scale=sm_scale)
+                                              block_size=block_size, sm_scale=sm_scale,
+                                              q_offset=q_offset)
+
+
+KL_BYTES = 2 ** 28  # per query chunk of the KL loss (rematerialized in the backward)
 
 
 def msa_indexer_kl(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *, block_size: int,
@@ -324,7 +349,12 @@ def msa_indexer_kl(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *, block
   _check_index(q_idx_BTKI, k_idx_BSI)
   _resolve(implementation, "msa_indexer_kl")
   del interpret
+  b, t, n, h = q_BTNH.shape
+  kh, k = k_BSKH.shape[2], indices_BKTk.shape[-1]
+  # Queries per chunk: ~KL_BYTES of gathered keys, index keys and probabilities per step.
+  per_query = b * kh * k * block_size * (2 * h + 4 * q_idx_BTKI.shape[-1] + 4 * (n // kh + 3))
+  chunk = 1 << max(4, min(10, (KL_BYTES // per_query).bit_length() - 1))
   return reference.indexer_kl_reference(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI,
                                         jax.lax.stop_gradient(indices_BKTk),
                                         block_size=block_size, scale=scale,
-                                        index_scale=index_scale)
+                                        index_scale=index_scale, chunk=chunk)

@@ -105,32 +105,37 @@ def _key_blocks(x_BSKX, block_size):
   return jnp.moveaxis(x, 2, 1).reshape(b, kh, sp // block_size, block_size, xd)
 
 
-def _selected_mask(indices_BKtk, start, t, s, block_size):
+def _selected_mask(indices_BKtk, start, q_offset, s, block_size):
   """bool [B, K, t, k, bs]: real slot, key inside S, key position <= query position."""
   tq = indices_BKtk.shape[2]
   k_pos = indices_BKtk[..., None] * block_size + jnp.arange(block_size)
-  q_pos = (start + jnp.arange(tq) + s - t)[:, None, None]
+  q_pos = (start + jnp.arange(tq) + q_offset)[:, None, None]
   return (indices_BKtk[..., None] >= 0) & (k_pos < s) & (k_pos <= q_pos)
 
 
 def sparse_attention_reference(q_BTNH, k_BSKH, v_BSKH, indices_BKTk, *, block_size: int,
-                               sm_scale: float, chunk: int = 64, return_lse: bool = False):
+                               sm_scale: float, chunk: int = 64, return_lse: bool = False,
+                               q_offset=None):
   """Causal GQA softmax attention of each query over the keys of its selected blocks.
 
   indices [B, K, T, k] int32 (-1 = empty, no repeats): the blocks query t of kv group K may read.
+  Query i sits at position i + q_offset (default S - T; traced is fine). Each chunk is
+  rematerialized in the backward pass, so memory stays O(chunk x k x block_size).
   Logits and softmax in float32; rows with nothing visible give zeros. Returns y [B, T, N, H] in
   q's dtype (and the natural log-sum-exp [B, N, T] f32 if return_lse). Differentiable in q, k, v.
   """
   b, t, n, h = q_BTNH.shape
   s, kh = k_BSKH.shape[1], k_BSKH.shape[2]
   g = n // kh
+  q_offset = s - t if q_offset is None else q_offset
   k_blocks, v_blocks = _key_blocks(k_BSKH, block_size), _key_blocks(v_BSKH, block_size)
 
+  @jax.checkpoint
   def one(start, q_BtNH, idx_BKtk):
     tq = q_BtNH.shape[1]
     k_ = _gather_blocks(k_blocks, idx_BKtk).reshape(b, kh, tq, -1, h)    # [B, K, t, k*bs, H]
     v_ = _gather_blocks(v_blocks, idx_BKtk).reshape(b, kh, tq, -1, h)
-    mask = _selected_mask(idx_BKtk, start, t, s, block_size).reshape(b, kh, 1, tq, -1)
+    mask = _selected_mask(idx_BKtk, start, q_offset, s, block_size).reshape(b, kh, 1, tq, -1)
     q_BKGtH = jnp.moveaxis(q_BtNH.reshape(b, tq, kh, g, h), 1, 3).astype(jnp.float32)
     z = jnp.einsum("BKGTH,BKTSH->BKGTS", q_BKGtH, k_.astype(jnp.float32)) * sm_scale
     z = jnp.where(mask, z, MASK_VALUE)
@@ -151,7 +156,8 @@ def indexer_kl_reference(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *,
   """Mean over (B, K, T) of KL(group-mean main attention || indexer softmax) over the selected tokens.
 
   Same value as `mixtral_jax.model.attention.msa.indexer_kl` on the token mask of `indices`. The
-  main branch (q, k) is stop-gradient: the loss differentiates only into q_idx and k_idx.
+  main branch (q, k) is stop-gradient: the loss differentiates only into q_idx and k_idx. Each
+  chunk is rematerialized in the backward pass (no [T, k x block_size] residuals).
   Returns a float32 scalar.
   """
   b, t, n, h = q_BTNH.shape
@@ -161,9 +167,10 @@ def indexer_kl_reference(q_BTNH, k_BSKH, q_idx_BTKI, k_idx_BSI, indices_BKTk, *,
   k_blocks = _key_blocks(k_BSKH, block_size)
   ik_blocks = _key_blocks(k_idx_BSI[:, :, None].astype(jnp.float32), block_size)  # [B, 1, C, bs, I]
 
+  @jax.checkpoint
   def one(start, q_BtNH, iq_BtKI, idx_BKtk):
     tq = q_BtNH.shape[1]
-    mask = _selected_mask(idx_BKtk, start, t, s, block_size).reshape(b, kh, tq, -1)
+    mask = _selected_mask(idx_BKtk, start, s - t, s, block_size).reshape(b, kh, tq, -1)
     k_ = _gather_blocks(k_blocks, idx_BKtk).reshape(b, kh, tq, -1, h)
     ik = _gather_blocks(jnp.broadcast_to(ik_blocks, (b, kh) + ik_blocks.shape[2:]),
                         idx_BKtk).reshape(b, kh, tq, -1, ik_blocks.shape[-1])

@@ -37,6 +37,15 @@ PEAK_FLOPS = {
 CPU_FLOPS_PER_CORE = 50e9
 
 
+def _peak_memory_bytes():
+  """The first local device's peak bytes in use so far (GPU/TPU), or None where not reported."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001  (backends without memory stats)
+    return None
+  return (stats or {}).get("peak_bytes_in_use")
+
+
 def peak_flops_per_second() -> float:
   """Peak FLOP/s of all devices of the job (0.0 when the device kind is unknown)."""
   dev = jax.devices()[0]
@@ -79,7 +88,8 @@ class MetricsLogger:
   Output keys: those scalars; accuracy/<task> (answer tokens, loss_mask) and seq_accuracy/<task>
   (examples with every answer token right) for tasks seen in the interval; router/load_max_over_min
   (worst MoE layer), router/max_expert_fraction, router/min_expert_fraction; tokens_per_second
-  (all batch positions, padding included) and mfu (6 * active params per token; no attention FLOPs).
+  (all batch positions, padding included) and mfu (6 * active params per token; no attention FLOPs);
+  memory/peak_gib (the first device's peak bytes in use so far, where reported: GPU, TPU).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, log_every: int,
@@ -169,6 +179,9 @@ class MetricsLogger:
       out["tokens_per_second"] = tps
       if self.peak_flops > 0:
         out["mfu"] = tps * self.flops_per_token / self.peak_flops
+    peak = _peak_memory_bytes()
+    if peak:
+      out["memory/peak_gib"] = peak / 2 ** 30
     self._t0, self._timed_steps = now, 0
     self.last = {"step": step, **out}
     self._reset()

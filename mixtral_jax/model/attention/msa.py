@@ -7,10 +7,13 @@ with index_head_dim >= rotary_dim that is the main rope on the first rotary_dim 
 no separate index rotary width). Block score = max over the block's keys at positions <= the
 query of q_idx . k_idx; the cfg.msa.local_blocks blocks ending at the query's own block are always
 kept; top cfg.msa.top_k blocks per query (per GQA group, or one shared choice with
-selection='max_heads'); then exact causal softmax attention over the chosen blocks. A decode
-step (cache, T == 1) under a Pallas attention_impl makes the same selection and attention on the
-decode kernels (`common.decode_core`: index block scores, top-k, sparse decode over the chosen
-blocks only); prefill and training stay on the XLA path.
+selection='max_heads'); then exact causal softmax attention over the chosen blocks.
+
+Under a Pallas attention_impl: a decode step (cache, T == 1) makes the same selection and attention
+on the decode kernels (`common.decode_core`); the training forward and a prefill (T > 1) run on
+`kernels.msa_attention` (`kernel_forward`: block-max index scores straight to [B, K, T, C], top-k,
+KV-outer sparse attention, and the KL over the selected tokens only), so no [T, S] tensor exists.
+Both assume slot = position (a full forward's positions are 0..T-1).
 
 KL loss (weight cfg.msa.kl_loss_weight): KL(p_main || p_idx) per query and group over the tokens
 of the selected blocks, where p_main is the main branch's attention averaged over the group's heads
@@ -87,6 +90,38 @@ def indexer_kl(q_BTNH, k_BSKH, scores_BKTS, mask_BKTS, *, scale: float, index_sc
   return kl.sum(axis=-1).mean()
 
 
+# Kernel families of kernels.msa_attention per attention_impl (no Mosaic GPU kernel: Triton).
+_KERNEL_IMPLS = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
+                 "pallas_mosaic_gpu": "pallas_triton", None: None}
+
+
+def kernel_forward(q_BTNH, k_BSKH, v_BSKH, iq_BTKI, ik_BSI, msa_cfg, *, implementation, scale,
+                   q_offset=None, with_kl=False):
+  """MSA on `kernels.msa_attention`: (y [B, T, N, H], kl scalar or None).
+
+  Query i sits at position i + q_offset (default S - T), key slot j at position j. The same
+  selection as `msa_selection` (block max of index scores, top-k, local blocks forced) and the
+  same KL as `indexer_kl`, without [T, S] tensors. On CPU the Pallas kernels run in interpret mode.
+  """
+  from mixtral_jax.kernels import msa_attention as ma
+
+  m = msa_cfg
+  impl = _KERNEL_IMPLS[implementation]
+  bs = m.block_size
+  kw = dict(implementation=impl, interpret=jax.default_backend() == "cpu",
+            block_sizes=ma.BlockSizes(rows=max(16, min(128, bs))))
+  indices_BKTk = ma.msa_select(iq_BTKI, ik_BSI, block_size=bs, top_k=m.top_k,
+                               local_blocks=m.local_blocks, selection=m.selection,
+                               q_offset=q_offset, **kw)
+  y_BTNH = ma.msa_attention(q_BTNH, k_BSKH, v_BSKH.astype(k_BSKH.dtype), indices_BKTk,
+                            block_size=bs, sm_scale=scale, q_offset=q_offset, **kw)
+  kl = None
+  if with_kl:
+    kl = ma.msa_indexer_kl(q_BTNH, k_BSKH, iq_BTKI, ik_BSI, indices_BKTk, block_size=bs,
+                           scale=scale, index_scale=m.index_head_dim ** -0.5, implementation=impl)
+  return y_BTNH.astype(q_BTNH.dtype), kl
+
+
 class MSAAttention(SoftmaxAttentionBase):
   """Block-sparse causal GQA attention with a learned block indexer (MiniMax-M3 sparse layers)."""
 
@@ -114,6 +149,12 @@ class MSAAttention(SoftmaxAttentionBase):
                            index_q_BTKI=iq_BTKI, index_k_BSI=ik_BSI)
       if y_BTNH is not None:
         return self.o_proj(y_BTNH), cache, {}
+    want_kl = bool(m.kl_loss_weight) and full_forward  # the indexer trains on full forwards only
+    if self.cfg.attention_impl != "xla" and x_BTD.shape[1] > 1:
+      y_BTNH, kl = kernel_forward(
+          q_BTNH, k_BSKH, v_BSKH, iq_BTKI, ik_BSI, m, implementation=self.cfg.attention_impl,
+          scale=self.scale, q_offset=None if full_forward else positions_BT[0, 0], with_kl=want_kl)
+      return self.o_proj(y_BTNH), cache, {"msa_kl": m.kl_loss_weight * kl} if want_kl else {}
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
     scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
     block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
@@ -121,7 +162,7 @@ class MSAAttention(SoftmaxAttentionBase):
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=m.block_size, implementation=self.cfg.attention_impl)
     losses = {}
-    if m.kl_loss_weight and full_forward:  # the indexer trains on full forwards; decode needs no KL
+    if want_kl:
       mask_BKTS = token_mask(positions_BT, k_pos, block_mask_BKTC=block_mask_BKTC,
                              block_kv=m.block_size)
       kl = indexer_kl(q_BTNH, k_BSKH, scores_BKTS, mask_BKTS, scale=self.scale,
