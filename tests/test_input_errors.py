@@ -141,12 +141,12 @@ def test_requested_kernel_falling_back_warns_once(caplog):
   from mixtral_jax.model.attention import common
   c = config_lib.default_config().model
   c.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, rotary_dim=16,
-           attention_pattern=("swa",), window=8, attention_impl="pallas_tpu")
+           attention_pattern=("full",), attention_impl="pallas_tpu")
   c.moe.update(num_experts=2, top_k=1, expert_dim=16)
   m = nnx.jit(lambda: Transformer(c, rngs=nnx.Rngs(0)))()
   common._FALLBACK_LOGGED.clear()  # other tests in this process may have logged it already
   with caplog.at_level(logging.WARNING):
-    for t in (16, 24):  # two traces, both through the fallback
-      nnx.jit(lambda m, x: m(x))(m, jnp.zeros((1, t), jnp.int32))
+    for t in (16, 24):  # two traces, both through the fallback (a prefill into a longer cache)
+      generate.prefill(m, jnp.zeros((1, t), jnp.int32), max_len=32)
   hits = [r for r in caplog.records if "pallas_tpu" in r.getMessage() and "XLA" in r.getMessage()]
   assert len(hits) == 1 and hits[0].levelno == logging.WARNING, [r.getMessage() for r in hits]

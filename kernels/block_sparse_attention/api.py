@@ -2,16 +2,25 @@
 
 Backend modules share one contract (pallas_tpu.py, pallas_triton.py, and mosaic_gpu.py, written
 separately):
-  mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale) -> (out [B,T,N,H], res)
-  mha_backward(q, k, v, out, res, do, mask_info, *, block_q, block_kv, causal, sm_scale) -> (dq, dk, dv)
+  mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, window, sm_scale) -> (out, res)
+  mha_backward(q, k, v, out, res, do, mask_info, *, block_q, block_kv, causal, window, sm_scale)
+      -> (dq, dk, dv)
 where `res` is whatever the forward saves for its own backward (a log-sum-exp [B, N, T] f32 in each
 kernel here, natural or base 2 as that module chooses) and mask_info is a `mask_info.MaskInfo` of the
-causally pruned block mask. pallas_tpu and pallas_triton also take `interpret`. A module raises
-ValueError for shapes it does not support; implementation=None then falls back (see _FALLBACKS).
+causally (and window-) pruned block mask. pallas_tpu and pallas_triton also take `interpret`.
+
+Tiles are empty (not listed), full or partial (splash attention's classification): a listed tile
+whose (query, key) pairs are not all visible under `causal` / `window` applies the token-level mask
+q_pos - window < k_pos <= q_pos inside; full tiles skip it. The mask is analytic (positions only),
+so it costs no memory.
+
+A module raises ValueError for shapes or options (a window) it does not support;
+implementation=None then falls back (see _FALLBACKS) and logs which one ran and why.
 """
 import dataclasses
 import functools
 import importlib
+import logging
 import math
 
 import jax
@@ -56,7 +65,19 @@ def _backend_module(implementation):
   return importlib.import_module(f".{_MODULES[implementation]}", __package__)
 
 
-def _validate(q, k, v, block_mask, block_q, block_kv, implementation):
+def _padding(t, s, block_q, block_kv, causal):
+  """Rows p appended to both q and k/v so their lengths become block multiples, or None if that is
+  not exact. Equal padding keeps the causal offset S - T, and padded keys (positions >= S) then lie
+  after every real query, so the causal mask hides them; padded query rows are dropped."""
+  p = -t % block_q
+  if p == 0 and s % block_kv == 0:
+    return 0
+  if causal and (s + p) % block_kv == 0:
+    return p
+  return None
+
+
+def _validate(q, k, v, block_mask, block_q, block_kv, causal, window, implementation):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"{name} must be 4-D [B, len, heads, head_dim], got shape {getattr(x, 'shape', None)}")
@@ -72,15 +93,24 @@ def _validate(q, k, v, block_mask, block_q, block_kv, implementation):
     raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
   if kh == 0 or n % kh:
     raise ValueError(f"q heads {n} must be a multiple of k/v heads {kh} (q {q.shape}, k {k.shape})")
-  for name, blk, length in (("block_q", block_q, t), ("block_kv", block_kv, s)):
+  for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
     if not isinstance(blk, int) or blk <= 0:
       raise ValueError(f"{name} must be a positive int, got {blk!r}")
-    if length % blk:
-      raise ValueError(f"{name}={blk} must divide the sequence length {length}")
-  want = (b, kh, t // block_q, s // block_kv)
+  pad = _padding(t, s, block_q, block_kv, causal)
+  if pad is None:
+    for name, blk, length in (("block_q", block_q, t), ("block_kv", block_kv, s)):
+      if length % blk:
+        raise ValueError(f"{name}={blk} must divide the sequence length {length} (lengths that are "
+                         "not block multiples need causal=True and T - S a multiple of block_kv)")
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+      raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+      raise ValueError("window needs causal=True (the window is q_pos - window < k_pos <= q_pos)")
+  want = (b, kh, -(-t // block_q), -(-s // block_kv))
   if tuple(getattr(block_mask, "shape", ())) != want:
-    raise ValueError(f"block_mask shape {getattr(block_mask, 'shape', None)} must be [B, K, T//block_q, "
-                     f"S//block_kv] = {want}")
+    raise ValueError(f"block_mask shape {getattr(block_mask, 'shape', None)} must be [B, K, "
+                     f"ceil(T/block_q), ceil(S/block_kv)] = {want}")
   if block_mask.dtype != jnp.bool_:
     raise ValueError(f"block_mask must be bool, got dtype {block_mask.dtype}")
   if implementation not in IMPLEMENTATIONS:
@@ -93,11 +123,13 @@ class _Static:
   block_q: int
   block_kv: int
   causal: bool
+  window: int | None
   sm_scale: float
   interpret: bool
 
   def kwargs(self):
-    kw = dict(block_q=self.block_q, block_kv=self.block_kv, causal=self.causal, sm_scale=self.sm_scale)
+    kw = dict(block_q=self.block_q, block_kv=self.block_kv, causal=self.causal, window=self.window,
+              sm_scale=self.sm_scale)
     if self.implementation != "pallas_mosaic_gpu":
       kw["interpret"] = self.interpret
     return kw
@@ -137,41 +169,75 @@ def _supports(q, k, v, block_mask, st):
     return False
 
 
-def block_sparse_attention(q, k, v, block_mask, *, block_q, block_kv, causal=True, sm_scale=None,
-                           implementation=None, interpret=False):
+def block_sparse_attention(q, k, v, block_mask, *, block_q, block_kv, causal=True, window=None,
+                           sm_scale=None, implementation=None, interpret=False):
   """Attention computed only on the (query tile, key tile) pairs that block_mask selects.
 
   Args:
     q: [B, T, N, H] queries. k, v: [B, S, K, H] keys/values (N a multiple of K: query head n uses kv
       head n // (N // K)). Same floating dtype.
-    block_mask: bool [B, K, T // block_q, S // block_kv]; True = compute that tile (see masks.py).
+    block_mask: bool [B, K, ceil(T / block_q), ceil(S / block_kv)]; True = compute that tile (see
+      masks.py). T and S need not be block multiples under `causal` when T - S is a multiple of
+      block_kv (e.g. T == S, block_q == block_kv): both are padded by the same rows.
     causal: also mask inside tiles: query i sees key j iff j <= i + S - T.
+    window: with causal, a sliding window W: query at position p sees keys p - W < j <= p. Tiles
+      wholly outside the window are dropped, tiles crossing its edge are masked token by token.
     sm_scale: logit scale, default 1/sqrt(H).
     implementation: 'xla' (pure jnp reference), 'pallas_tpu', 'pallas_triton', 'pallas_mosaic_gpu',
       or None for the best on the current backend (on GPU: Mosaic GPU on Hopper where it supports
-      the dtype and tile sizes, else Triton where its tiles fit, else 'xla').
+      the dtype, tile sizes and options, else Triton where its tiles fit, else 'xla'; a fallback is
+      logged). A named kernel that does not support the inputs raises ValueError.
     interpret: run Pallas kernels in interpret mode (CPU).
   Returns:
     [B, T, N, H] in q's dtype; query rows with no visible key are zero. Differentiable in q, k, v.
   """
   block_mask = jnp.asarray(block_mask) if not isinstance(block_mask, jax.Array) else block_mask
   chosen = implementation or default_implementation()
-  _validate(q, k, v, block_mask, block_q, block_kv, chosen)
+  _validate(q, k, v, block_mask, block_q, block_kv, causal, window, chosen)
   sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale)
+  t, s = q.shape[1], k.shape[1]
+  pad = _padding(t, s, block_q, block_kv, causal)
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    block_mask = jnp.pad(block_mask, ((0, 0), (0, 0), (0, q.shape[1] // block_q - block_mask.shape[2]),
+                                      (0, k.shape[1] // block_kv - block_mask.shape[3])))
+    out = _dispatch(q, k, v, block_mask, chosen, implementation, block_q, block_kv, causal, window,
+                    sm_scale, interpret)
+    return out[:, :t]
+  return _dispatch(q, k, v, block_mask, chosen, implementation, block_q, block_kv, causal, window,
+                   sm_scale, interpret)
+
+
+_LOGGED = set()
+
+
+def _dispatch(q, k, v, block_mask, chosen, implementation, block_q, block_kv, causal, window,
+              sm_scale, interpret):
+  ref = functools.partial(reference.block_sparse_attention_reference, block_q=block_q,
+                          block_kv=block_kv, causal=causal, window=window, sm_scale=sm_scale)
   if chosen == "xla":
-    return reference.block_sparse_attention_reference(
-        q, k, v, block_mask, block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale)
-  if causal:  # tiles wholly in the future hold nothing: drop them so kernels never visit them
-    t, s = q.shape[1], k.shape[1]
-    block_mask = block_mask & masks_lib.causal_block_mask(t, s, block_q=block_q, block_kv=block_kv)
-  st = _Static(chosen, block_q, block_kv, bool(causal), sm_scale, bool(interpret))
+    return ref(q, k, v, block_mask)
+  t, s = q.shape[1], k.shape[1]
+  if causal:  # tiles wholly in the future (or wholly before the window) hold nothing: drop them
+    keep = (masks_lib.causal_block_mask(t, s, block_q=block_q, block_kv=block_kv) if window is None
+            else masks_lib.sliding_window_block_mask(t, s, block_q=block_q, block_kv=block_kv,
+                                                     window=window))
+    block_mask = block_mask & keep
+  st = _Static(chosen, block_q, block_kv, bool(causal), window, sm_scale, bool(interpret))
   if implementation is None:
-    # The GPU kernels cover fewer dtypes / tile sizes than the reference: take the first that traces.
+    # The GPU kernels cover fewer dtypes / tile sizes / options than the reference: take the first
+    # that traces, and say so when it is not the backend's best.
     for candidate in _FALLBACKS.get(chosen, (chosen,)):
       st = dataclasses.replace(st, implementation=candidate)
       if candidate == "xla" or _supports(q, k, v, block_mask, st):
         break
+    if st.implementation != chosen:
+      key = (chosen, st.implementation, q.dtype.name, q.shape[-1], block_q, block_kv, window is None)
+      if key not in _LOGGED:
+        _LOGGED.add(key)
+        logging.warning("block_sparse_attention: %s does not support these inputs (dtype %s, "
+                        "head_dim %d, blocks %dx%d, window %s); using %s", chosen, q.dtype.name,
+                        q.shape[-1], block_q, block_kv, window, st.implementation)
     if st.implementation == "xla":
-      return reference.block_sparse_attention_reference(
-          q, k, v, block_mask, block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale)
+      return ref(q, k, v, block_mask)
   return _kernel_attention(q, k, v, block_mask, st)

@@ -5,7 +5,9 @@ each CTA owns one 128-row query tile, split between two compute warpgroups of 64
 warpgroup streams K/V tiles into a ring of shared-memory slots with TMA. What is block-sparse here:
 the memory warpgroup reads the tile's kv-tile list (`MaskInfo.kv_indices`, `kv_counts`) from global
 memory and fetches only those tiles, so the loop runs over non-empty tiles only; the token-level
-causal mask is applied (under `lax.cond`) only to tiles that cross the diagonal.
+causal / sliding-window mask is applied (under `lax.cond`) only to partial tiles: those that cross
+the diagonal or the window's far edge. A row whose first tiles are all masked (older than the
+window) accumulates at the finite mask value; its first visible key rescales that to zero.
 
 Backward: a dq kernel (per query tile, over its kv-tile list) and a dk/dv kernel (per kv tile, over
 its q-tile list, `MaskInfo.q_indices`), both on `plgpu.emit_pipeline_warp_specialized` with a
@@ -64,12 +66,28 @@ def _row_vector(value, rows, dim):
   return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(dim))
 
 
-def _causal_where(x, row0, col0, visible_if_row_ge_col):
-  """Masks x [R, C] (wgmma layout) at token level; row i sits at row0 + i, column j at col0 + j."""
+def _visible_where(x, row0, col0, rows_are_queries, window):
+  """Masks x [R, C] (wgmma layout) at token level; row i sits at row0 + i, column j at col0 + j.
+  A key is visible to a query at distance d = q - k when 0 <= d (< window)."""
   r = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA) + row0
   c = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA) + col0
-  keep = r >= c if visible_if_row_ge_col else c >= r
-  return jnp.where(keep, x, _MASK)
+  d = r - c if rows_are_queries else c - r
+  x = jnp.where(d >= 0, x, _MASK)
+  if window is not None:  # nested selects, not a boolean and: the plainest lowering
+    x = jnp.where(d < window, x, _MASK)
+  return x
+
+
+def _masked(x, q0, k0, rows_are_queries, window):
+  """x with the hidden pairs masked, under lax.cond so that only partial tiles pay for it: tiles
+  crossing the diagonal or the window's far edge. q0 / k0: the first query / key position."""
+  n_q, n_k = x.shape if rows_are_queries else x.shape[::-1]
+  partial = k0 + n_k - 1 > q0
+  if window is not None:
+    partial = partial | (q0 + n_q - 1 - k0 >= window)
+  row0, col0 = (q0, k0) if rows_are_queries else (k0, q0)
+  return lax.cond(partial, lambda x: _visible_where(x, row0, col0, rows_are_queries, window),
+                  lambda x: x, x)
 
 
 def _validate(q, k, block_q, block_kv):
@@ -95,9 +113,10 @@ def _grid(tiles, n, b, tile_major):
   return (n, tiles, b), ("heads", "tile", "batch")
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "causal", "sm_scale",
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "causal", "sm_scale", "window",
                                              "tile_major"))
-def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, tile_major=False):
+def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, window=None,
+                tile_major=False):
   """Forward over the tiles in mask_info.kv_indices/kv_counts; one CTA per (q tile, head, batch).
 
   Returns out [B, T, N, H] (q.dtype) and lse [B, N, T] f32 (natural log; -inf where no key is seen).
@@ -155,10 +174,7 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, tile
         s_blk = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         if causal:
-          col0 = idx_ref[bi, hk, qi, i] * block_kv
-          s_blk = lax.cond(col0 + block_kv - 1 > row0 + offset,
-                           lambda x: _causal_where(x, row0 + offset, col0, True),
-                           lambda x: x, s_blk)
+          s_blk = _masked(s_blk, row0 + offset, idx_ref[bi, hk, qi, i] * block_kv, True, window)
         # m is kept in scaled log2 units so that p = exp2(s * c - m) is one FMA per element.
         m_new = jnp.maximum(m_i, s_blk.max(axis=1) * scale_log2)
         alpha = jnp.exp2(m_i - m_new)
@@ -246,7 +262,8 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, tile
   return out, lse
 
 
-def _dq(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_scale, tile_major):
+def _dq(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, window, sm_scale,
+        tile_major):
   """dq [B, T, N, H]: per 128-row query tile, over its kv-tile list in 64-key sub-tiles."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -306,10 +323,7 @@ def _dq(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_sca
 
       s_blk = pl.run_scoped(qk, plgpu.ACC((rows, rows), jnp.float32))
       if causal:
-        col0 = kv_tile(i) * rows
-        s_blk = lax.cond(col0 + rows - 1 > row0 + offset,
-                         lambda x: _causal_where(x, row0 + offset, col0, True),
-                         lambda x: x, s_blk)
+        s_blk = _masked(s_blk, row0 + offset, kv_tile(i) * rows, True, window)
       p = jnp.exp2(s_blk * scale_log2 - lax.broadcast_in_dim(lse, s_blk.shape, [0]))
 
       def dp_(acc_ref):
@@ -350,7 +364,8 @@ def _dq(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_sca
   )(q, k, v, do, lse2, delta, idx, cnt)
 
 
-def _dkv(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_scale, tile_major):
+def _dkv(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, window, sm_scale,
+         tile_major):
   """dk, dv per query head [B, S, N, H]: per 128-key tile, over its q-tile list in 64-row sub-tiles."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -408,10 +423,7 @@ def _dkv(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_sc
 
       s_t = pl.run_scoped(kq, plgpu.ACC((rows, rows), jnp.float32))  # [keys, queries]
       if causal:
-        qrow0 = q_tile(i) * rows + offset
-        s_t = lax.cond(key0 + rows - 1 > qrow0,
-                       lambda x: _causal_where(x, key0, qrow0, False),
-                       lambda x: x, s_t)
+        s_t = _masked(s_t, q_tile(i) * rows + offset, key0, False, window)
       lse = _load(lse_smem, plgpu.Layout.WGMMA.reduce(0))
       plgpu.barrier_arrive(lse_free)
       p_t = jnp.exp2(s_t * scale_log2 - lax.broadcast_in_dim(lse, s_t.shape, [1]))
@@ -459,10 +471,10 @@ def _dkv(q, k, v, do, lse2, delta, idx, cnt, *, block_q, block_kv, causal, sm_sc
   )(q, k, v, do, lse2, delta, idx, cnt)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "causal", "sm_scale",
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "causal", "sm_scale", "window",
                                              "tile_major"))
 def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal, sm_scale,
-                 tile_major=False):
+                 window=None, tile_major=False):
   """Gradients (dq, dk, dv) in the input dtypes, from the forward's out and lse [B, N, T]."""
   _validate(q, k, block_q, block_kv)
   b, t, n, h = q.shape
@@ -471,7 +483,7 @@ def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal,
   # log2-domain lse; rows that saw nothing get +inf so that every p = exp2(. - lse) is 0.
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E).astype(jnp.float32)
   do = do.astype(q.dtype)
-  kw = dict(block_q=block_q, block_kv=block_kv, causal=causal, sm_scale=sm_scale,
+  kw = dict(block_q=block_q, block_kv=block_kv, causal=causal, window=window, sm_scale=sm_scale,
             tile_major=tile_major)
   dq = _dq(q, k, v, do, lse2, delta, mask_info.kv_indices.astype(jnp.int32),
            mask_info.kv_counts.astype(jnp.int32), **kw)

@@ -32,22 +32,31 @@ def _dot(a, b, dims=_NN):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _hide_future(s, q_first, k_first, q_axis):
-  """-inf where key position > query position in one tile (q positions run along q_axis).
+def _mask_tile(s, q_first, k_first, q_axis, *, causal, window):
+  """-inf at the hidden (query, key) pairs of one tile (q positions run along q_axis): key > query
+  under `causal`, query - key >= window under a window.
 
   -inf (not a finite mask value) while running maxima start finite: a row with nothing visible
-  gets p = 0. The select runs only on tiles that straddle the diagonal.
+  gets p = 0. The select runs only on partial tiles (crossing the diagonal or the window's far
+  edge); full tiles skip it.
   """
+  if not causal:
+    return s
+  n_q, n_k = s.shape[q_axis], s.shape[1 - q_axis]
+
   def hide(s):
-    q_pos = q_first + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-    k_pos = k_first + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
-    return jnp.where(k_pos <= q_pos, s, -jnp.inf)
-  straddles = k_first + s.shape[1 - q_axis] - 1 > q_first
-  return lax.cond(straddles, hide, lambda s: s, s)
+    d = (q_first + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)) - (
+        k_first + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis))
+    visible = d >= 0 if window is None else (d >= 0) & (d < window)
+    return jnp.where(visible, s, -jnp.inf)
+  partial = k_first + n_k - 1 > q_first
+  if window is not None:
+    partial = partial | (q_first + n_q - 1 - k_first >= window)
+  return lax.cond(partial, hide, lambda s: s, s)
 
 
 def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                nq, nk, block_q, block_kv, causal, sm_scale, offset):
+                nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   r, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   row = r * nq + i
 
@@ -61,8 +70,8 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
   def _step():
     v = v_ref[...]
     s = _dot(q_ref[...], k_ref[...], _NT) * sm_scale
-    if causal:
-      s = _hide_future(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0)
+    s = _mask_tile(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0,
+                   causal=causal, window=window)
     m_prev = m_sc[...]                                               # [bq, 128], lanes equal
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
@@ -81,7 +90,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_s
 
 
 def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *,
-               nq, nk, block_q, block_kv, causal, sm_scale, offset):
+               nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   r, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   row = r * nq + i
 
@@ -95,8 +104,8 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     lse = jnp.expand_dims(lse_ref[0], -1)                            # [bq, 1]
     di = jnp.expand_dims(di_ref[0], -1)
     s = _dot(q_ref[...], k, _NT) * sm_scale
-    if causal:
-      s = _hide_future(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0)
+    s = _mask_tile(s, i * block_q + offset, kv_idx_ref[row * nk + j] * block_kv, 0,
+                   causal=causal, window=window)
     p = jnp.exp(s - lse)
     ds = p * (_dot(do_ref[...], v, _NT) - di)
     dq_sc[...] += _dot(ds.astype(k.dtype), k)
@@ -107,7 +116,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
 
 
 def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, groups, nq, nk, block_q, block_kv, causal, sm_scale, offset):
+                dk_sc, dv_sc, *, groups, nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   # Grid axis 2 runs over (query head of the group, listed q tile) pairs: t = g * nq + u.
   r, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   col = r * nk + j
@@ -122,9 +131,8 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
   def _step():
     q, do = q_ref[...], do_ref[...]
     s_t = _dot(k_ref[...], q, _NT) * sm_scale                        # [bkv, bq]
-    if causal:
-      q_first = q_idx_ref[col * nq + u] * block_q + offset
-      s_t = _hide_future(s_t, q_first, j * block_kv, 1)
+    s_t = _mask_tile(s_t, q_idx_ref[col * nq + u] * block_q + offset, j * block_kv, 1,
+                     causal=causal, window=window)
     p_t = jnp.exp(s_t - lse_ref[...])                                # lse is [1, bq]
     dv_sc[...] += _dot(p_t.astype(do.dtype), do)
     ds_t = p_t * (_dot(v_ref[...], do, _NT) - di_ref[...])
@@ -164,13 +172,14 @@ def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, interpret=False):
+def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, window=None,
+                interpret=False):
   """q [B, T, N, H], k/v [B, S, K, H] -> (out [B, T, N, H], lse [B, N, T] f32; +inf on empty rows)."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   nq, nk, groups = t // block_q, s // block_kv, n // kh
   kernel = functools.partial(_fwd_kernel, nq=nq, nk=nk, block_q=block_q, block_kv=block_kv,
-                             causal=causal, sm_scale=sm_scale, offset=s - t)
+                             causal=causal, window=window, sm_scale=sm_scale, offset=s - t)
 
   def kv_map(r, g, i, j, idx, cnt):
     return r, 0, idx[(r * nq + i) * nk + j], 0
@@ -205,12 +214,12 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, inte
 
 
 def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal, sm_scale,
-                 interpret=False):
+                 window=None, interpret=False):
   """Gradients (dq [B,T,N,H], dk, dv [B,S,K,H]) from the forward's out and lse [B, N, T]."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   nq, nk, groups = t // block_q, s // block_kv, n // kh
-  static = dict(nq=nq, nk=nk, block_q=block_q, block_kv=block_kv, causal=causal,
+  static = dict(nq=nq, nk=nk, block_q=block_q, block_kv=block_kv, causal=causal, window=window,
                 sm_scale=sm_scale, offset=s - t)
   do = do.astype(q.dtype)
   di_BNT = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)

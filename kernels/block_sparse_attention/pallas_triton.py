@@ -50,17 +50,24 @@ def _check_fits(dtype, head_dim, block_q, block_kv, interpret):
                      "memory; use tiles of at most 32 KiB (e.g. bf16, or blocks of 64)")
 
 
-def _hide_future(s, q_first, k_first, q_axis=0):
-  """-inf where key position > query position in one tile (q positions run along q_axis); the
-  select runs only on tiles that straddle the diagonal."""
+def _mask_tile(s, q_first, k_first, *, causal, window, q_axis=0):
+  """-inf at the hidden (query, key) pairs of one tile: key > query under `causal`, and
+  query - key >= window under a window (q positions run along q_axis). The select runs only on
+  partial tiles (those crossing the diagonal or the window's far edge); full tiles skip it."""
+  if not causal:
+    return s
   n_q, n_k = s.shape[q_axis], s.shape[1 - q_axis]
 
   def hide(s):
     q_pos = q_first + jnp.arange(n_q)
     k_pos = k_first + jnp.arange(n_k)
-    visible = (k_pos[None, :] <= q_pos[:, None]) if q_axis == 0 else (k_pos[:, None] <= q_pos[None, :])
+    d = (q_pos[:, None] - k_pos[None, :]) if q_axis == 0 else (q_pos[None, :] - k_pos[:, None])
+    visible = d >= 0 if window is None else (d >= 0) & (d < window)
     return jnp.where(visible, s, -jnp.inf)
-  return lax.cond(k_first + n_k - 1 > q_first, hide, lambda s: s, s)
+  partial = k_first + n_k - 1 > q_first
+  if window is not None:
+    partial = partial | (q_first + n_q - 1 - k_first >= window)
+  return lax.cond(partial, hide, lambda s: s, s)
 
 
 def _pad_head(x, h_pad):
@@ -69,7 +76,7 @@ def _pad_head(x, h_pad):
 
 
 def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, num_kv_heads,
-                nq, nk, block_q, block_kv, causal, sm_scale, offset):
+                nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row = (b * num_kv_heads + n // groups) * nq + i
   q = q_ref[...]
@@ -81,8 +88,7 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
     s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
-    if causal:
-      s = _hide_future(s, q_first, kv_block * block_kv)
+    s = _mask_tile(s, q_first, kv_block * block_kv, causal=causal, window=window)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
@@ -99,7 +105,8 @@ def _fwd_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(safe_l))
 
 
-def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, interpret=False):
+def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, window=None,
+                interpret=False):
   """q [B, T, N, H], k/v [B, S, K, H] -> (out [B, T, N, H], base-2 lse [B, N, T] f32; +inf on empty rows)."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -109,7 +116,7 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, inte
   _check_fits(q.dtype, hp, block_q, block_kv, interpret)
   kernel = functools.partial(
       _fwd_kernel, groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q,
-      block_kv=block_kv, causal=causal, sm_scale=sm_scale, offset=s - t)
+      block_kv=block_kv, causal=causal, window=window, sm_scale=sm_scale, offset=s - t)
   q_spec = pl.BlockSpec((None, block_q, None, hp), lambda i, b_, n_: (b_, i, n_, 0))
   kv_spec = pl.BlockSpec((None, s, None, hp), lambda i, b_, n_: (b_, 0, n_ // groups, 0))
   out, lse = pl.pallas_call(
@@ -128,7 +135,7 @@ def mha_forward(q, k, v, mask_info, *, block_q, block_kv, causal, sm_scale, inte
 
 
 def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, *,
-               groups, num_kv_heads, nq, nk, block_q, block_kv, causal, sm_scale, offset):
+               groups, num_kv_heads, nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row = (b * num_kv_heads + n // groups) * nq + i
   q, do = q_ref[...], do_ref[...]
@@ -140,8 +147,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
     k = k_ref[pl.ds(kv_block * block_kv, block_kv), :]
     v = v_ref[pl.ds(kv_block * block_kv, block_kv), :]
     s = _dot(q, k, _NT) * (sm_scale * _LOG2E)
-    if causal:
-      s = _hide_future(s, q_first, kv_block * block_kv)
+    s = _mask_tile(s, q_first, kv_block * block_kv, causal=causal, window=window)
     p = jnp.exp2(s - lse)
     dp = _dot(do, v, _NT)
     ds = p * (dp - di)
@@ -152,7 +158,7 @@ def _dq_kernel(kv_idx_ref, kv_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_
 
 
 def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *,
-                groups, num_kv_heads, nq, nk, block_q, block_kv, causal, sm_scale, offset):
+                groups, num_kv_heads, nq, nk, block_q, block_kv, causal, window, sm_scale, offset):
   j, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   col = (b * num_kv_heads + n // groups) * nk + j
   k, v = k_ref[...], v_ref[...]
@@ -164,8 +170,8 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
     q, do = q_ref[rows, :], do_ref[rows, :]
     lse, di = lse_ref[rows], di_ref[rows]
     s_t = _dot(k, q, _NT) * (sm_scale * _LOG2E)   # [bkv, bq]
-    if causal:
-      s_t = _hide_future(s_t, q_block * block_q + offset, j * block_kv, q_axis=1)
+    s_t = _mask_tile(s_t, q_block * block_q + offset, j * block_kv, causal=causal, window=window,
+                     q_axis=1)
     p_t = jnp.exp2(s_t - lse[None, :])
     dv = dv + _dot(p_t.astype(do.dtype), do)
     dp_t = _dot(v, do, _NT)
@@ -180,7 +186,7 @@ def _dkv_kernel(q_idx_ref, q_cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_r
 
 
 def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal, sm_scale,
-                 interpret=False):
+                 window=None, interpret=False):
   """Gradients (dq [B,T,N,H], dk, dv [B,S,K,H]) from the forward's out and base-2 lse [B, N, T]."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -192,7 +198,7 @@ def mha_backward(q, k, v, out, lse, do, mask_info, *, block_q, block_kv, causal,
   di = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   q_, k_, v_, do_ = (_pad_head(x, hp) for x in (q, k, v, do))
   static = dict(groups=groups, num_kv_heads=kh, nq=nq, nk=nk, block_q=block_q, block_kv=block_kv,
-                causal=causal, sm_scale=sm_scale, offset=s - t)
+                causal=causal, window=window, sm_scale=sm_scale, offset=s - t)
   params = _compiler_params(hp, q.dtype.itemsize, block_q, block_kv)
 
   q_spec = pl.BlockSpec((None, block_q, None, hp), lambda i, b_, n_: (b_, i, n_, 0))

@@ -6,16 +6,19 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def dense_mask(block_mask, *, t, s, block_q, block_kv, causal):
+def dense_mask(block_mask, *, t, s, block_q, block_kv, causal, window=None):
   """Token-level mask [B, K, T, S] from a tile mask [B, K, T//block_q, S//block_kv].
 
-  With `causal`, query i sees key j iff j <= i + S - T (queries are the last T of S positions).
+  With `causal`, query i sees key j iff j <= i + S - T (queries are the last T of S positions);
+  with a `window` W too, only keys with q_pos - W < j (the query and the W - 1 keys before it).
   """
   mask_BKTS = jnp.repeat(jnp.repeat(block_mask, block_q, axis=2), block_kv, axis=3)
+  q_pos = jnp.arange(t)[:, None] + (s - t)
+  k_pos = jnp.arange(s)[None, :]
   if causal:
-    q_pos = jnp.arange(t)[:, None] + (s - t)
-    k_pos = jnp.arange(s)[None, :]
     mask_BKTS = mask_BKTS & (k_pos <= q_pos)[None, None]
+  if window is not None:
+    mask_BKTS = mask_BKTS & (k_pos > q_pos - window)[None, None]
   return mask_BKTS
 
 
@@ -39,8 +42,9 @@ def masked_attention_reference(q, k, v, mask_BKTS, *, sm_scale):
   return o_BTKGH.reshape(b, t, n, h).astype(q.dtype)
 
 
-def block_sparse_attention_reference(q, k, v, block_mask, *, block_q, block_kv, causal, sm_scale):
+def block_sparse_attention_reference(q, k, v, block_mask, *, block_q, block_kv, causal, sm_scale,
+                                     window=None):
   """Reference block-sparse attention; same contract as `api.block_sparse_attention`."""
   mask_BKTS = dense_mask(block_mask, t=q.shape[1], s=k.shape[1], block_q=block_q,
-                         block_kv=block_kv, causal=causal)
+                         block_kv=block_kv, causal=causal, window=window)
   return masked_attention_reference(q, k, v, mask_BKTS, sm_scale=sm_scale)

@@ -134,10 +134,11 @@ def attention_core(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, k_positions_BS, wi
   key blocks each query of each kv group selected (its own block is always among them).
   implementation: 'xla' builds the dense mask and calls `softmax_attention`. A Pallas kernel
   ('pallas_tpu' | 'pallas_triton' | 'pallas_mosaic_gpu' | None = best for the backend; on CPU they
-  run in interpret mode) serves the plain causal self-attention of a whole sequence (T == S, no
-  window, no block selection: the training forward and a prefill that fills its cache) with
-  tiles of `kernel_block`; the other cases, which need token-level masks inside tiles, stay on
-  the XLA path (logged once). Returns y [B, T, N, H].
+  run in interpret mode) serves the causal self-attention of a whole chunk (T == S: the training
+  forward, a prefill that fills its cache, the in-chunk part of an SWA prefill), with or without a
+  sliding window (the kernel masks partial tiles token by token), with tiles of `kernel_block`;
+  lengths need not be block multiples. Per-query block selections (MoBA/MSA layers run their own
+  kernels) and caches longer than the chunk stay on the XLA path (logged once). Returns y [B, T, N, H].
   """
   if implementation != "xla":  # a named kernel, or None: the backend's best (XLA on CPU)
     y = _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation,
@@ -153,34 +154,45 @@ def attention_core(q_BTNH, k_BSKH, v_BSKH, *, q_positions_BT, k_positions_BS, wi
 _FALLBACK_LOGGED = set()
 
 
-def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation, block):
-  """The block-sparse kernel on the causal tile mask, or None where it cannot be exact."""
+def log_fallback_once(implementation, reason):
+  """One WARNING per (implementation, reason): a kernel path that takes XLA instead."""
+  if (implementation, reason) not in _FALLBACK_LOGGED:
+    _FALLBACK_LOGGED.add((implementation, reason))
+    logging.warning("attention_impl=%s: %s needs token-level masks; using the XLA path",
+                    implementation, reason)
+
+
+def check_implementation(implementation):
+  """Raises for an unknown attention_impl; returns whether it resolves to a kernel here."""
   from mixtral_jax import kernels
 
   if implementation is not None and implementation not in kernels.IMPLEMENTATIONS:
     raise ValueError(f"attention implementation: unknown {implementation!r}; expected one of "
                      f"{kernels.IMPLEMENTATIONS} or None")
+  return (implementation or kernels.default_implementation()) != "xla"
+
+
+def _kernel_attention(q_BTNH, k_BSKH, v_BSKH, window, block_mask_BKTC, implementation, block):
+  """The block-sparse kernel on the causal (windowed) tile mask, or None where it cannot be exact."""
+  from mixtral_jax import kernels
+
+  on_kernel = check_implementation(implementation)
   b, t, _, _ = q_BTNH.shape
   s, kv_heads = k_BSKH.shape[1], k_BSKH.shape[2]
-  reason = ("a sliding window" if window is not None else
-            "per-query block selection" if block_mask_BKTC is not None else
-            "a cache longer than the chunk (decode)" if s != t else
-            f"length {t} not a multiple of the kernel block {block}" if t % block else None)
+  reason = ("per-query block selection" if block_mask_BKTC is not None else
+            "a cache longer than the chunk (decode)" if s != t else None)
   if reason is not None:
-    if (implementation, reason) not in _FALLBACK_LOGGED:
-      _FALLBACK_LOGGED.add((implementation, reason))
-      logging.warning("attention_impl=%s: %s needs token-level masks; using the XLA path",
-                      implementation, reason)
+    log_fallback_once(implementation, reason)
     return None
-  if (implementation or kernels.default_implementation()) == "xla":
+  if not on_kernel:
     return None
   # implementation None stays None: the kernel API then falls back (Mosaic GPU -> Triton -> XLA)
-  # where a kernel rejects the shapes or dtype.
-  mask = kernels.broadcast_mask(
-      kernels.causal_block_mask(t, s, block_q=block, block_kv=block), b, kv_heads)
+  # where a kernel rejects the shapes or dtype. The API drops the tiles outside the causal window.
+  n = -(-t // block)
+  mask = jnp.ones((b, kv_heads, n, n), jnp.bool_)
   return kernels.block_sparse_attention(
       q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask, block_q=block,
-      block_kv=block, causal=True, implementation=implementation,
+      block_kv=block, causal=True, window=window, implementation=implementation,
       interpret=jax.default_backend() == "cpu")
 
 
