@@ -15,8 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
+from mixtral_jax.model.attention.cache import MoBACache
 from mixtral_jax.model.attention.common import (
-    KVCache, SoftmaxAttentionBase, attention_core, pad_to_blocks)
+    SoftmaxAttentionBase, attention_core, decode_core, pad_to_blocks)
 
 
 def moba_selection(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: int):
@@ -38,16 +39,34 @@ def moba_selection(q_BTNH, k_BSKH, q_positions_BT, *, block_size: int, top_k: in
 
 
 class MoBAAttention(SoftmaxAttentionBase):
-  """Causal GQA attention restricted to the top-k key blocks per query and KV group."""
+  """Causal GQA attention restricted to the top-k key blocks per query and KV group.
 
-  def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+  Cache: `MoBACache` (keys, values and each block's mean key). A decode step (T == 1) under a
+  Pallas attention_impl scores blocks from the cached means and attends to the chosen blocks on
+  the decode kernels (`common.decode_core`); everything else on `attention_core`."""
+
+  def __call__(self, x_BTD, positions_BT, cache: MoBACache | None = None):
     """x [B, T, D], positions int32 [B, T] -> (y [B, T, D], cache, {})."""
     bs = self.cfg.moba.block_size
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
-    k_BSKH, v_BSKH, k_pos, cache = self.keys(k_BTKH, v_BTKH, positions_BT, cache)
+    if cache is None:
+      k_BSKH, v_BSKH, k_pos = k_BTKH, v_BTKH, positions_BT
+    else:
+      cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
+      k_BSKH, v_BSKH, k_pos = cache.kv.k_BSKH, cache.kv.v_BSKH, cache.positions[None]
+      if x_BTD.shape[1] == 1:
+        y_BTNH = decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT,
+                             implementation=self.cfg.attention_impl, block_kv=bs,
+                             scale=self.scale, moba_cfg=self.cfg.moba, mean_BCKH=cache.mean_BCKH)
+        if y_BTNH is not None:
+          return self.o_proj(y_BTNH), cache, {}
     block_mask_BKTC = moba_selection(q_BTNH, k_BSKH.astype(q_BTNH.dtype), positions_BT,
                                       block_size=bs, top_k=self.cfg.moba.top_k)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=bs, implementation=self.cfg.attention_impl)
     return self.o_proj(y_BTNH), cache, {}
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> MoBACache:
+    return MoBACache.zeros(batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
+                           dtype or self.dtype, block_size=self.cfg.moba.block_size)
