@@ -58,7 +58,7 @@ def timeit(step, carry, *args, target_s=0.05, batches=5, reps=None):
 
 def copy_bandwidth(n=1 << 31):
   x = jax.random.normal(jax.random.key(0), (n,), DT)  # 4 GiB
-  t = timeit(lambda x: x + 1, x, target_s=0.2)
+  t = timeit(lambda x: x + 1, x, reps=2 if IMPL[0] == "xla" else 40)
   del x
   return 2 * n * 2 / t
 
@@ -168,7 +168,7 @@ def check_correctness(lines):
   return lines
 
 
-def table(seqs, batches, bw, lines, dense_bs=None, bs=None):
+def table(seqs, batches, bw, lines, dense_bs=None, bs=None, xla_rows=False, out=None):
   lines += ["", "| T | B | implementation | time (us) | bytes read (MB) | floor (us) | "
             "time / floor | speed-up vs cuDNN |", "|---|---|---|---|---|---|---|---|"]
   for t in seqs:
@@ -181,22 +181,22 @@ def table(seqs, batches, bw, lines, dense_bs=None, bs=None):
       sm = summaries_of(k, lengths)
       results = {}
       try:
-        results["cuDNN dense"] = timeit(cudnn_step(True), q, k, v, lengths)
+        results["cuDNN dense"] = timeit(cudnn_step(True), q, k, v, lengths, reps=reps_for(t))
       except Exception as e:  # noqa: BLE001
         lines.append(f"| {t} | {b} | cuDNN failed: {str(e)[:120]} | | | | | |")
       for name, fn in steps(dense_bs, bs).items():
         try:
           results[name] = timeit(lambda q, k, v, ik, L, sm, fn=fn: fn(q, k, v, ik, L, sm),
-                                 q, k, v, ik, lengths, sm)
+                                 q, k, v, ik, lengths, sm, reps=reps_for(t))
         except Exception as e:  # noqa: BLE001 - report and go on to the next implementation
           lines.append(f"| {t} | {b} | {name} failed: {str(e)[:200]} | | | | | |")
-      if b == 1:  # the model's decode path today
+      if b == 1 and xla_rows:  # the XLA reference, for scale
         for name, fn in (("dense (XLA reference)", lambda q, k, v, L: da.dense_decode(
             q, k, v, L, implementation="xla")), ("MSA (XLA reference)", lambda q, k, v, L, ik: da.msa_decode(
                 q, k, v, L, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K, implementation="xla"))):
           try:
             args_ = (k, v, lengths) + ((ik,) if name.startswith("MSA") else ())
-            results[name] = timeit(fn, q, *args_)
+            results[name] = timeit(fn, q, *args_, reps=reps_for(t))
           except Exception as e:  # noqa: BLE001
             lines.append(f"| {t} | {b} | {name} failed: {str(e)[:200]} | | | | | |")
       base = results.get("cuDNN dense")
@@ -207,40 +207,74 @@ def table(seqs, batches, bw, lines, dense_bs=None, bs=None):
         lines.append(f"| {t} | {b} | {name} | {sec * 1e6:.1f} | {nbytes / 1e6:.1f} | "
                      f"{floor * 1e6:.1f} | {sec / floor:.2f} | {ratio} |")
       print("\n".join(lines[-len(results):]), flush=True)
+      write(lines, out)
       del q, k, v, ik, sm
   return lines
 
 
 def parts(t, lines, bs=None):
-  """Where MSA / summary decode time goes at B=1: the scoring kernel, top-k, the attention."""
+  """Where MSA / summary decode time goes at B=1, T=t: each launch of the call timed alone (its
+  own jit loop, fed back into the query), beside the whole call and an empty step (the loop's
+  own cost per iteration, included in every figure)."""
+  from mixtral_jax.kernels.decode_attention import api
   q, k, v, ik, lengths = make_inputs(1, t)
   sm = summaries_of(k, lengths)
+  bs = bs or da.BlockSizes()
   kw = dict(implementation=IMPL[0], block_sizes=bs)
-  scores = da.msa_block_scores(iq_of(q), ik, lengths, block_size=BLOCK, **kw)
-  idx = da.select_top_blocks(scores, lengths, block_size=BLOCK, top_k=TOP_K)
-  feed = lambda x, q: q + (jnp.sum(x) * 0).astype(q.dtype)  # a data dependence on the result
+  scores = da.msa_block_scores(iq_of(q), ik, lengths, block_size=BLOCK, local_blocks=1, **kw)
+  blocks, _ = api.select_forced(scores, top_k=TOP_K)
+  feed = lambda x, q: q + (x.reshape(-1)[0] * 0).astype(q.dtype)  # a data dependence on x
+  bump = lambda sc, q: sc + q[0, 0, 0].astype(jnp.float32) * 0    # scores that depend on q
+  partials = lambda q, kv, L: api._attend(
+      q, kv[0], kv[1], L, kv[2], block=BLOCK, sm_scale=H ** -0.5, bs=bs, impl=IMPL[0],
+      interpret=False, parts_only=True)
+  parts0 = partials(q, (k, v, blocks), lengths) if IMPL[0] == "pallas_triton" else None
+  from mixtral_jax.kernels.decode_attention import pallas_triton
   # Arrays go in as arguments (a closure would embed GBs of cache as constants in the jit).
-  pieces = {
-      "MSA index block scores": lambda q, ik, L: feed(da.msa_block_scores(
-          iq_of(q), ik, L, block_size=BLOCK, **kw)[0, 0, 0], q),
-      "summary mean scores": lambda q, sm, L: feed(da.summary_block_scores(
-          q, sm, L, kind="mean", block_size=BLOCK, **kw)[0, 0, 0], q),
-      "top-16 of the block scores": lambda q, sc, L: feed(da.select_top_blocks(
-          sc + q[0, 0, 0].astype(jnp.float32), L, block_size=BLOCK, top_k=TOP_K)[0, 0, 0]
-          .astype(jnp.float32), q),
-      "top-16, chunks of 512": lambda q, sc, L: feed(da.select_top_blocks(
-          sc + q[0, 0, 0].astype(jnp.float32), L, block_size=BLOCK, top_k=TOP_K,
-          chunk=512)[0, 0, 0].astype(jnp.float32), q),
-      "sparse attention over 16 blocks": lambda q, kv, L: da.sparse_decode(
-          q, kv[0], kv[1], L, kv[2], block_size=BLOCK, **kw),
-      "empty step (q + 0)": lambda q, _, L: feed(q[0, 0, 0], q),
-  }
-  operands = {"MSA index block scores": ik, "summary mean scores": sm,
-              "top-16 of the block scores": scores, "top-16, chunks of 512": scores,
-              "sparse attention over 16 blocks": (k, v, idx), "empty step (q + 0)": lengths}
-  lines += ["", f"Parts at T={t}, B=1 (us): " + ", ".join(
-      f"{n} {timeit(f, q, operands[n], lengths) * 1e6:.1f}" for n, f in pieces.items())]
+  pieces = [
+      ("empty step (q + 0)", lambda q, _, L: feed(q, q), lengths),
+      ("MSA: index block scores", lambda q, ik, L: feed(da.msa_block_scores(
+          iq_of(q), ik, L, block_size=BLOCK, local_blocks=1, **kw), q), ik),
+      ("MSA: top-16 (lax.top_k)", lambda q, sc, L: feed(api.select_forced(
+          bump(sc, q), top_k=TOP_K)[0], q), scores),
+      ("MSA: top-16, chunks of 512", lambda q, sc, L: feed(api.select_forced(
+          bump(sc, q), top_k=TOP_K, chunk=512, lengths_B=L, block_size=BLOCK)[0], q), scores),
+      ("cuDNN dense", lambda q, kv, L: cudnn_step(True)(q, kv[0], kv[1], L), (k, v)),
+      ("sparse attention partials (16 blocks)", lambda q, kv, L: feed(partials(q, kv, L)[0], q),
+       (k, v, blocks) if parts0 is not None else None),
+      ("split combine", lambda q, pr, L: feed(pallas_triton.combine(
+          pr[0] + q[0, 0, 0].astype(jnp.float32) * 0, pr[1], pr[2]), q), parts0),
+      ("sparse attention (partials + combine)", lambda q, kv, L: da.sparse_decode(
+          q, kv[0], kv[1], L, kv[2], block_size=BLOCK, **kw), (k, v, blocks)),
+      ("MSA decode, whole call", lambda q, ik_kv, L: da.msa_decode(
+          q, ik_kv[1], ik_kv[2], L, iq_of(q), ik_kv[0], block_size=BLOCK, top_k=TOP_K, **kw),
+       (ik, k, v)),
+      ("summary mean: scores", lambda q, sm, L: feed(da.summary_block_scores(
+          q, sm, L, kind="mean", block_size=BLOCK, force_own=True, **kw), q), sm),
+      ("summary mean decode, whole call", lambda q, a, L: da.summary_decode(
+          q, a[0], a[1], L, a[2], kind="mean", block_size=BLOCK, top_k=TOP_K, **kw), (k, v, sm)),
+      ("summary min/max: scores", lambda q, sm, L: feed(da.summary_block_scores(
+          q, sm, L, kind="minmax", block_size=BLOCK, force_own=True, **kw), q), sm),
+  ]
+  lines += ["", f"Parts at T={t}, B=1 ({short(bs)}; us per call, each in its own loop):"]
+  for name, fn, operand in pieces:
+    if operand is None:
+      continue
+    try:
+      sec = timeit(fn, q, operand, lengths, reps=reps_for(t))
+      lines.append(f"- {name}: {sec * 1e6:.1f}")
+    except Exception as e:  # noqa: BLE001 - report and time the rest
+      lines.append(f"- {name}: fails {str(e)[:200]}")
+    print(lines[-1], flush=True)
+  del q, k, v, ik, sm
   return lines
+
+
+def reps_for(t):
+  """Calls per timing loop: ~20-60 ms of work at M2 dims, without a probe compile."""
+  if IMPL[0] == "xla":  # --smoke on a CPU: check the logic, not the speed
+    return 2
+  return int(min(400, max(20, 5e7 / t)))
 
 
 def short(bs):
@@ -267,39 +301,52 @@ def sweep(label, make, candidates, lines, args, reps=20):
   return best
 
 
-def tune(t, lines):
-  """Tile sweeps at T=t, B=1 (end to end per decode call); returns (dense, sparse) BlockSizes."""
+def tune(t, lines, dense=False, out=None):
+  """Tile sweeps at T=t, B=1 (end to end per decode call); returns (dense, sparse) BlockSizes.
+  The scoring kernels' tiles first (they read most of MSA's / summary decode's bytes), then the
+  sparse attention's; the dense sweep only with dense=True."""
   q, k, v, ik, lengths = make_inputs(1, t)
   sm = summaries_of(k, lengths)
   args = (q, k, v, ik, lengths, sm)  # as arguments: a closure would embed them as constants
-  lines += ["", f"Tile sweep at T={t}, B=1 (fixed 20 calls per timing, median of 5):"]
+  lines += ["", f"Tile sweep at T={t}, B=1 ({reps_for(t)} calls per timing, median of 5):"]
   rep = dataclasses.replace
-  dense = lambda bs: lambda q, k, v, ik, L, sm: da.dense_decode(
-      q, k, v, L, implementation=IMPL[0], block_sizes=bs)
   base = da.BlockSizes()
-  cands = [rep(base, block_kv=b_, num_warps=w, num_stages=st_) for b_, w, st_ in
-           ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2))]
-  best = sweep("dense", dense, cands, lines, args)
-  best_dense = sweep("dense", dense, [rep(best, target_programs=n) for n in (264, 1056, 2112)]
-                     + [best], lines, args)
+  best_dense = None
+  if dense:
+    dense_fn = lambda bs: lambda q, k, v, ik, L, sm: da.dense_decode(
+        q, k, v, L, implementation=IMPL[0], block_sizes=bs)
+    cands = [rep(base, block_kv=b_, num_warps=w, num_stages=st_) for b_, w, st_ in
+             ((64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2))]
+    best = sweep("dense", dense_fn, cands, lines, args, reps_for(t))
+    best_dense = sweep("dense", dense_fn, [rep(best, target_programs=n) for n in (264, 1056, 2112)]
+                       + [best], lines, args, reps_for(t))
   msa = lambda bs: lambda q, k, v, ik, L, sm: da.msa_decode(
       q, k, v, L, iq_of(q), ik, block_size=BLOCK, top_k=TOP_K, implementation=IMPL[0],
       block_sizes=bs)
-  cands = [rep(base, index_blocks=nb, score_num_warps=4, score_num_stages=st_)
-           for nb in (1, 2, 4, 8) for st_ in (2, 3)]
-  best = sweep("msa", msa, cands, lines, args)
-  best = sweep("msa", msa, [best, rep(best, score_num_warps=8)], lines, args)
-  best = sweep("msa", msa, [rep(best, blocks_per_program=n) for n in (1, 2, 4)], lines, args)
-  best = sweep("msa", msa, [best] + [rep(best, select_chunk=n) for n in (128, 512)], lines, args)
+  best = sweep("msa", msa, [rep(base, index_blocks=nb) for nb in (1, 2, 4, 8)], lines, args,
+               reps_for(t))
+  best = sweep("msa", msa, [best, rep(best, score_num_warps=8), rep(best, score_num_stages=3)],
+               lines, args, reps_for(t))
+  best = sweep("msa", msa, [best, rep(best, blocks_per_program=2)], lines, args, reps_for(t))
+  write(lines, out)
   summ = lambda bs: lambda q, k, v, ik, L, sm: da.summary_decode(
       q, k, v, L, sm, kind="mean", block_size=BLOCK, top_k=TOP_K, implementation=IMPL[0],
       block_sizes=bs)
-  best = sweep("summary mean", summ, [rep(best, summary_blocks=n) for n in (16, 32, 64, 128)],
-               lines, args)
-  best_sparse = sweep("summary mean", summ, [best, rep(best, score_num_warps=8)], lines, args)
-  lines += [f"Chosen: dense ({short(best_dense)}); MSA / summary ({short(best_sparse)})"]
+  best_sparse = sweep("summary mean", summ, [rep(best, summary_blocks=n) for n in (16, 32, 64, 128)],
+                      lines, args, reps_for(t))
+  lines += [f"Chosen: dense ({short(best_dense) if best_dense else 'not swept'}); "
+            f"MSA / summary ({short(best_sparse)})"]
+  write(lines, out)
   del q, k, v, ik, sm
   return best_dense, best_sparse
+
+
+def write(lines, out):
+  """decode.md as it stands (a run cut short by its time limit keeps what it measured)."""
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "decode.md"), "w") as f:
+      f.write("\n".join(lines) + "\n")
 
 
 def main():
@@ -308,8 +355,12 @@ def main():
   p.add_argument("--seqs", default="32768,131072,1048576")
   p.add_argument("--batches", default="1,8")
   p.add_argument("--tune", action="store_true",
-                 help="sweep tiles at the largest T, B=1, and run the table with the fastest")
-  p.add_argument("--parts", action="store_true", help="time MSA's pieces at the largest T")
+                 help="sweep the sparse kernels' tiles at the largest T, B=1, and run the table "
+                 "with the fastest")
+  p.add_argument("--tune-dense", action="store_true", help="with --tune: sweep dense tiles too")
+  p.add_argument("--parts", action="store_true",
+                 help="first time each launch of MSA / summary decode at the largest T, B=1")
+  p.add_argument("--xla", action="store_true", help="add the XLA reference rows at B=1")
   p.add_argument("--smoke", action="store_true", help="XLA in place of the kernels (CPU check)")
   args = p.parse_args()
   if args.smoke:
@@ -318,22 +369,22 @@ def main():
   batches = [int(s) for s in args.batches.split(",")]
   dev = jax.devices()[0]
   lines = [f"## Decode attention (`benchmarks/decode.py`): {dev.device_kind}, jax {jax.__version__}, "
-           f"{datetime.date.today().isoformat()}", ""]
+           f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", ""]
   lines = check_correctness(lines)
   print("\n".join(lines), flush=True)
+  write(lines, args.out)
   bw = copy_bandwidth(1 << 24 if args.smoke else 1 << 31)
   lines += ["", f"Copy bandwidth (read + write): {bw / 1e12:.2f} TB/s."]
+  if args.parts:
+    lines = parts(max(seqs), lines)
+    write(lines, args.out)
   dense_bs = bs = None
   if args.tune:
-    dense_bs, bs = tune(max(seqs), lines)
-  lines = table(seqs, batches, bw, lines, dense_bs, bs)
-  if args.parts:
-    lines = parts(max(seqs), lines, bs)
+    dense_bs, bs = tune(max(seqs), lines, dense=args.tune_dense, out=args.out)
+  lines = table(seqs, batches, bw, lines, dense_bs, bs, xla_rows=args.xla, out=args.out)
   text = "\n".join(lines) + "\n"
   print(text, flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "decode.md"), "w") as f:
-    f.write(text)
+  write(lines, args.out)
 
 
 if __name__ == "__main__":

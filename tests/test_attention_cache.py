@@ -8,13 +8,13 @@ from flax import nnx
 
 from mixtral_jax.model.attention import make_attention
 from mixtral_jax.model.attention.cache import (EMPTY_POSITION, Cache, KVCache, LightningCache,
-                                               MSACache, RingCache)
+                                               MoBACache, MSACache, RingCache)
 from mixtral_jax.model.transformer import Transformer
 from test_attention import B, small_cfg
 
 MAX_LEN = 16
 # kind -> (cache type, capacity)
-KINDS = {"full": (KVCache, MAX_LEN), "moba": (KVCache, MAX_LEN), "swa": (RingCache, 5),
+KINDS = {"full": (KVCache, MAX_LEN), "moba": (MoBACache, MAX_LEN), "swa": (RingCache, 5),
          "msa": (MSACache, MAX_LEN), "lightning": (LightningCache, 0)}
 
 
@@ -40,6 +40,19 @@ def test_linear_caches_write_the_chunk_at_its_start():
   msa = msa.write(k, k, jnp.ones((B, 3, 3)), 5)
   np.testing.assert_array_equal(msa.index_k_BSI[:, 5:].sum(), B * 3 * 3)
   np.testing.assert_array_equal(msa.kv.k_BSKH[:, 5:], k)
+
+
+@pytest.mark.parametrize("max_len", [16, 14])  # a whole number of blocks, and a short last one
+def test_moba_cache_block_means_kept_one_token_at_a_time_equal_a_rebuild(max_len):
+  k = jax.random.normal(jax.random.key(0), (B, max_len, 2, 4))
+  step = MoBACache.zeros(B, max_len, 2, 4, jnp.float32, block_size=4).write(k[:, :5], k[:, :5], 0)
+  for t in range(5, max_len):
+    step = jax.jit(lambda c, x, t: c.write(x, x, t))(step, k[:, t:t + 1], t)
+  whole = MoBACache.zeros(B, max_len, 2, 4, jnp.float32, block_size=4).write(k, k, 0)
+  want = jnp.pad(k, ((0, 0), (0, -max_len % 4), (0, 0), (0, 0))).reshape(B, -1, 4, 2, 4).mean(2)
+  np.testing.assert_allclose(step.mean_BCKH, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(whole.mean_BCKH, want, rtol=1e-6, atol=1e-6)
+  assert step.block_size == 4 and step.mean_BCKH.shape == (B, -(-max_len // 4), 2, 4)
 
 
 def test_ring_cache_keeps_the_last_window_positions():

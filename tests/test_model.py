@@ -194,12 +194,13 @@ def test_weight_decay_skips_norm_scales_of_scanned_layers():
 
 
 @pytest.mark.parametrize("name, selection", [("mixtral", None), ("msa", "per_group"),
-                                             ("msa", "max_heads")])
+                                             ("msa", "max_heads"), ("moba", None)])
 def test_decode_step_on_decode_kernels_equals_forward(name, selection, monkeypatch):
   """attention_impl='pallas_tpu' (interpret mode on CPU) moves the decode step of full and MSA
-  layers onto `kernels.decode_attention` (dense_decode; MSA block scores + sparse decode) with a
-  cache that is a whole number of kernel blocks; prefill-then-decode still equals the forward,
-  with MSA's top-3 of 16-token blocks dropping blocks, and greedy `generate` works on it."""
+  layers onto `kernels.decode_attention` (dense_decode; MSA block scores + sparse decode; MoBA
+  scores from the cached block means + sparse decode) with a cache that is a whole number of
+  kernel blocks; prefill-then-decode still equals the forward, with MSA's top-3 of 16-token
+  blocks and MoBA's top-2 of 8 dropping blocks, and greedy `generate` works on it."""
   from mixtral_jax.kernels import decode_attention as da
   kw = dict(PATTERNS[name])
   cfg = tiny(kw.pop("pattern"), attention_impl="pallas_tpu", **kw)
@@ -207,7 +208,7 @@ def test_decode_step_on_decode_kernels_equals_forward(name, selection, monkeypat
   if selection:
     cfg.msa.selection = selection
   calls = []
-  for fn in ("dense_decode", "msa_block_scores", "sparse_decode"):
+  for fn in ("dense_decode", "msa_block_scores", "summary_block_scores", "sparse_decode"):
     real = getattr(da, fn)
     monkeypatch.setattr(da, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(
         (_fn, k["implementation"])) or _real(*a, **k))
@@ -222,8 +223,9 @@ def test_decode_step_on_decode_kernels_equals_forward(name, selection, monkeypat
     step_logits, cache = generate.decode_step(model, tokens[:, t:t + 1], t, cache)
     np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5, rtol=1e-5,
                                err_msg=f"{name}: decode step at position {t}")
+  sparse = {"msa": "msa_block_scores", "moba": "summary_block_scores"}.get(name)
   want = {("dense_decode", "pallas_tpu")} | (
-      {("msa_block_scores", "pallas_tpu"), ("sparse_decode", "pallas_tpu")} if name == "msa" else set())
+      {(sparse, "pallas_tpu"), ("sparse_decode", "pallas_tpu")} if sparse else set())
   assert set(calls) == want  # the kernels really ran: a named kernel raises instead of falling back
   out = generate.generate(model, tokens[:, :P], 3, max_len=S)
   for t in range(P, P + 3):

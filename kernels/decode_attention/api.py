@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ..block_sparse_attention import selection
 from . import reference
 from .reference import cdiv
 
@@ -54,7 +55,7 @@ class BlockSizes:
   target_programs: int = 512
   blocks_per_program: int = 1
   index_blocks: int = 8
-  summary_blocks: int = 128
+  summary_blocks: int = 32
   num_warps: int = 4
   num_stages: int = 2
   score_num_warps: int = 4
@@ -154,8 +155,9 @@ def _group_q(q_BNH, kh, rows):
 
 
 def _attend(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block, sm_scale, bs, impl,
-            interpret):
-  """Kernel attention (dense when indices_BKJ is None) -> [B, N, H] in q's dtype."""
+            interpret, parts_only=False):
+  """Kernel attention (dense when indices_BKJ is None) -> [B, N, H] in q's dtype.
+  parts_only (Triton; for benchmarks/decode.py --parts): the split partials, not combined."""
   b, n, h = q_BNH.shape
   s, kh = k_BSKH.shape[1], k_BSKH.shape[2]
   if s % block:
@@ -181,13 +183,16 @@ def _attend(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block, sm_scale, b
     splits = bs.num_splits or max(1, min(tiles, cdiv(bs.target_programs, b * kh)))
     per_program = cdiv(tiles, splits)
   else:
-    per_program = min(bs.blocks_per_program, indices_BKJ.shape[-1])
-    indices_BKJ = pad_rows(indices_BKJ + 1, cdiv(indices_BKJ.shape[-1], per_program) * per_program,
-                           2) - 1  # -1 slots up to a whole number of programs
+    j = indices_BKJ.shape[-1]
+    per_program = min(bs.blocks_per_program, j)
+    if j % per_program:  # -1 slots up to a whole number of programs
+      indices_BKJ = pad_rows(indices_BKJ + 1, cdiv(j, per_program) * per_program, 2) - 1
   programs = cdiv(s // block if indices_BKJ is None else indices_BKJ.shape[-1], per_program)
   parts = mod.attend(q_BKGH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block=block,
                      num_programs=programs, per_program=per_program, sm_scale=sm_scale,
                      num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=interpret)
+  if parts_only:
+    return parts
   o_BKGH = mod.combine(*parts)[:, :, :g]
   return o_BKGH.reshape(b, n, h).astype(q_BNH.dtype)
 
@@ -238,11 +243,20 @@ def sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, *, block_size, 
   return y
 
 
+def _force(scores_BKC, lengths_B, block_size, local_blocks):
+  """+inf at the `local_blocks` blocks ending at each row's new-token block (as the selection)."""
+  q_block_B1 = ((lengths_B - 1) // block_size)[:, None]
+  local = selection.local_blocks_mask(q_block_B1, scores_BKC.shape[-1], local_blocks)
+  return jnp.where(local, jnp.inf, scores_BKC)
+
+
 def msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block_size, block_sizes=None,
-                     implementation=None, interpret=False):
+                     implementation=None, interpret=False, local_blocks=0):
   """MSA block scores [B, K, C] f32 (C = ceil(S / block_size)): per block, the max of the new
   token's index query of kv group k . the index keys at positions < lengths[b]; -inf where a
-  block has none. Kernels cast the index queries to the index keys' dtype."""
+  block has none. Kernels cast the index queries to the index keys' dtype. local_blocks > 0:
+  the selection's forced blocks (those ending at the new token's block) score +inf (the Triton
+  kernel writes them, saving the selection a pass)."""
   if getattr(index_q_BKI, "ndim", None) != 3 or getattr(index_k_BSI, "ndim", None) != 3:
     raise ValueError(f"index_q must be [B, K, I] and index_k [B, S, I], got "
                      f"{getattr(index_q_BKI, 'shape', None)} and {getattr(index_k_BSI, 'shape', None)}")
@@ -267,20 +281,35 @@ def msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block_size, block_s
       nb = _divisor_tile(c, bs.index_blocks, 1 if interpret else 8)
       out_BCK = mod.index_block_scores(q, index_k_BSI, lengths_B, block=block_size, nb=nb,
                                        interpret=interpret)
-      return jnp.swapaxes(out_BCK, 1, 2)
+      return _force(jnp.swapaxes(out_BCK, 1, 2), lengths_B, block_size, local_blocks)
     mod.check(head_dim=i, tiles={"block_size": block_size}, interpret=interpret)
     out = mod.index_block_scores(
         pad_rows(q, max(mod.MIN_ROWS, kh), 1), index_k_BSI, lengths_B, block=block_size,
         nb=_pow2_tile(c, bs.index_blocks), num_warps=bs.score_num_warps,
-        num_stages=bs.score_num_stages,
-        interpret=interpret)
+        num_stages=bs.score_num_stages, local_blocks=local_blocks, interpret=interpret)
     return out[:, :kh]
 
   out = _choose(implementation, kernel)
   if out is None:
-    out = reference.index_block_scores_reference(index_q_BKI, index_k_BSI, lengths_B,
-                                                 block_size=block_size)
+    out = _force(reference.index_block_scores_reference(index_q_BKI, index_k_BSI, lengths_B,
+                                                        block_size=block_size),
+                 lengths_B, block_size, local_blocks)
   return out
+
+
+def select_forced(scores_BKC, *, top_k, chunk=None, lengths_B=None, block_size=None):
+  """Top-k of scores whose forced blocks are already +inf (`local_blocks` above). Returns
+  (blocks int32 [B, K, k] for the attention kernels: -inf winners are kept as is, they hold no
+  visible key, so no extra pass marks them; indices int32 [B, K, k] with -1 there, the
+  selection's format). The same blocks as `select_top_blocks` on the unforced scores."""
+  c = scores_BKC.shape[-1]
+  k = min(top_k, c)
+  if chunk and c % chunk == 0 and c > chunk and chunk >= k:
+    indices_BKJ = reference.select_top_blocks(scores_BKC, lengths_B, block_size=block_size,
+                                              top_k=top_k, local_blocks=0, chunk=chunk)
+    return indices_BKJ, indices_BKJ
+  top_BKJ, blocks_BKJ = jax.lax.top_k(scores_BKC, k)
+  return blocks_BKJ, jnp.where(top_BKJ == -jnp.inf, -1, blocks_BKJ).astype(jnp.int32)
 
 
 def msa_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, index_q_BKI, index_k_BSI, *, block_size=128,
@@ -295,20 +324,22 @@ def msa_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, index_q_BKI, index_k_BSI, *, bl
   if not isinstance(local_blocks, int) or not 0 <= local_blocks <= top_k:
     raise ValueError(f"local_blocks must be an int in [0, top_k={top_k}], got {local_blocks!r}")
   kw = dict(block_sizes=block_sizes, implementation=implementation, interpret=interpret)
-  scores_BKC = msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, block_size=block_size, **kw)
-  indices_BKJ = reference.select_top_blocks(
-      scores_BKC, lengths_B, block_size=block_size, top_k=top_k, local_blocks=local_blocks,
-      chunk=(block_sizes or BlockSizes()).select_chunk)
-  y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block_size,
+  scores_BKC = msa_block_scores(index_q_BKI, index_k_BSI, lengths_B, block_size=block_size,
+                                local_blocks=local_blocks, **kw)
+  blocks_BKJ, indices_BKJ = select_forced(
+      scores_BKC, top_k=top_k, chunk=(block_sizes or BlockSizes()).select_chunk,
+      lengths_B=lengths_B, block_size=block_size)
+  y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, blocks_BKJ, block_size=block_size,
                     sm_scale=sm_scale, **kw)
   return (y, indices_BKJ) if return_indices else y
 
 
 def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block_sizes=None,
-                         implementation=None, interpret=False):
+                         implementation=None, interpret=False, force_own=False):
   """Block scores [B, K, C] f32 from `BlockSummaries`: kind 'mean' (MoBA: group-mean query .
   block mean key) or 'minmax' (Quest bound, max over the group's heads); -inf off the complete
-  blocks before the new token's block."""
+  blocks before the new token's block. force_own: that block scores +inf (the selection keeps
+  it; the Triton kernel writes it)."""
   if kind not in SUMMARY_KINDS:
     raise ValueError(f"kind must be one of {SUMMARY_KINDS}, got {kind!r}")
   if not isinstance(summaries, reference.BlockSummaries):
@@ -332,16 +363,18 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
     if impl == "pallas_tpu":
       mod.check(head_dim=h, num_kv_heads=kh, interpret=interpret)
       nc = _divisor_tile(c, bs.summary_blocks, 1 if interpret else 128)
-      return mod.summary_block_scores(q_BKRH, arrays, lengths_B, kind=kind, block=block_size,
-                                      nc=nc, interpret=interpret)
+      out = mod.summary_block_scores(q_BKRH, arrays, lengths_B, kind=kind, block=block_size,
+                                     nc=nc, interpret=interpret)
+      return _force(out, lengths_B, block_size, int(force_own))
     mod.check(head_dim=h, tiles={}, interpret=interpret)
     nc = _pow2_tile(c, bs.summary_blocks)
     if not interpret and nc < 16:
       raise ValueError(f"pallas_triton: {c} summary blocks have no power-of-two tile >= 16")
-    rows = max(mod.MIN_ROWS, 1 << (q_BKRH.shape[2] - 1).bit_length())
+    rows = 1 << (q_BKRH.shape[2] - 1).bit_length()
     return mod.summary_block_scores(
         pad_rows(q_BKRH, rows, 2), arrays, lengths_B, kind=kind, groups=g, block=block_size,
-        nc=nc, num_warps=bs.score_num_warps, num_stages=bs.score_num_stages, interpret=interpret)
+        nc=nc, num_warps=bs.score_num_warps, num_stages=bs.score_num_stages,
+        force_own=force_own, interpret=interpret)
 
   out = _choose(implementation, kernel)
   if out is None:
@@ -351,6 +384,7 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
     else:
       out = reference.quest_block_scores_reference(q_BNH, summaries.min_BCKH, summaries.max_BCKH,
                                                    lengths_B, block_size=block_size)
+    out = _force(out, lengths_B, block_size, int(force_own))
   return out
 
 
@@ -365,10 +399,10 @@ def summary_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, summaries, *, kind="mean", 
     raise ValueError(f"top_k must be a positive int, got {top_k!r}")
   kw = dict(block_sizes=block_sizes, implementation=implementation, interpret=interpret)
   scores_BKC = summary_block_scores(q_BNH, summaries, lengths_B, kind=kind,
-                                    block_size=block_size, **kw)
-  indices_BKJ = reference.select_top_blocks(
-      scores_BKC, lengths_B, block_size=block_size, top_k=top_k, local_blocks=1,
-      chunk=(block_sizes or BlockSizes()).select_chunk)
-  y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block_size,
+                                    block_size=block_size, force_own=True, **kw)
+  blocks_BKJ, indices_BKJ = select_forced(
+      scores_BKC, top_k=top_k, chunk=(block_sizes or BlockSizes()).select_chunk,
+      lengths_B=lengths_B, block_size=block_size)
+  y = sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, blocks_BKJ, block_size=block_size,
                     sm_scale=sm_scale, **kw)
   return (y, indices_BKJ) if return_indices else y

@@ -135,7 +135,13 @@ def combine(o_BKPGH, m_BKPG, l_BKPG):
   return o_BKGH / jnp.where(l_BKG == 0.0, 1.0, l_BKG)[..., None]
 
 
-def _index_kernel(len_ref, q_ref, k_ref, o_ref, *, block, nb):
+def _forced(blocks, length, block, local_blocks):
+  """bool: blocks among the `local_blocks` ending at the new token's block (clipped at 0)."""
+  q_block = (length - 1) // block
+  return (blocks <= q_block) & (blocks > q_block - local_blocks)
+
+
+def _index_kernel(len_ref, q_ref, k_ref, o_ref, *, block, nb, local_blocks):
   b, t = pl.program_id(0), pl.program_id(1)
   length = len_ref[b]
   q = q_ref[...]
@@ -150,18 +156,23 @@ def _index_kernel(len_ref, q_ref, k_ref, o_ref, *, block, nb):
     s = jnp.where(pos[None, :] < length, s, -jnp.inf)
     return jnp.where(jnp.arange(nb)[None, :] == c, jnp.max(s, axis=1)[:, None], acc)
 
-  o_ref[...] = lax.fori_loop(0, n, body, jnp.full((q.shape[0], nb), -jnp.inf, jnp.float32))
+  acc = lax.fori_loop(0, n, body, jnp.full((q.shape[0], nb), -jnp.inf, jnp.float32))
+  if local_blocks:  # the selection's forced blocks, so top-k needs no pass of its own
+    acc = jnp.where(_forced(t * nb + jnp.arange(nb), length, block, local_blocks)[None, :],
+                    jnp.inf, acc)
+  o_ref[...] = acc
 
 
 def index_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block, nb, num_warps, num_stages,
-                       interpret=False):
+                       local_blocks=0, interpret=False):
   """MSA block scores [B, Kp, C] f32 (C = S / block; nb must divide C). index_q [B, Kp, I]
-  (Kp >= 16 rows, extra rows zero) in index_k's dtype."""
+  (Kp >= 16 rows, extra rows zero) in index_k's dtype. local_blocks > 0: those blocks ending
+  at the new token's block score +inf (as `select_top_blocks` forces them)."""
   b, kp, i = index_q_BKI.shape
   s = index_k_BSI.shape[1]
   c = s // block
   return pl.pallas_call(
-      functools.partial(_index_kernel, block=block, nb=nb),
+      functools.partial(_index_kernel, block=block, nb=nb, local_blocks=local_blocks),
       grid=(b, c // nb),
       in_specs=[pl.BlockSpec(), pl.BlockSpec((None, kp, i), lambda b_, t: (b_, 0, 0)),
                 pl.BlockSpec((None, s, i), lambda b_, t: (b_, 0, 0))],
@@ -173,41 +184,48 @@ def index_block_scores(index_q_BKI, index_k_BSI, lengths_B, *, block, nb, num_wa
   )(lengths_B, index_q_BKI, index_k_BSI)
 
 
-def _summary_kernel(len_ref, q_ref, *refs, block, nc, groups, kind):
+def _summary_kernel(len_ref, q_ref, *refs, block, nc, groups, kind, force_own):
+  """Scores of nc summaries by broadcast multiply and a lane sum in f32 (an f32 tl.dot keeps
+  its whole operand tiles in registers and spills; this reads each summary once)."""
   o_ref = refs[-1]
   b, t = pl.program_id(0), pl.program_id(2)
-  n_past = (len_ref[b] - 1) // block                           # complete past blocks
+  length = len_ref[b]
+  n_past = (length - 1) // block                               # complete past blocks
   first = t * nc
-  q = q_ref[...]
-  rows = q.shape[0]
 
   def body(_, s):
-    if kind == "mean":
-      return _dot(q, refs[0][pl.ds(first, nc), :], _NT)
-    kmin, kmax = refs[0][pl.ds(first, nc), :], refs[1][pl.ds(first, nc), :]
-    return (_dot(jnp.maximum(q, 0.0), kmax.astype(q.dtype), _NT)
-            + _dot(jnp.minimum(q, 0.0), kmin.astype(q.dtype), _NT))
+    if kind == "mean":  # row 0: the group-mean query
+      kmean = refs[0][pl.ds(first, nc), :].astype(jnp.float32)
+      return jnp.sum(kmean * q_ref[pl.ds(0, 1), :], axis=1)
+    kmin = refs[0][pl.ds(first, nc), :].astype(jnp.float32)
+    kmax = refs[1][pl.ds(first, nc), :].astype(jnp.float32)
+    for g in range(groups):
+      qg = q_ref[pl.ds(g, 1), :]                              # [1, H] f32
+      s = jnp.maximum(s, jnp.sum(jnp.maximum(qg, 0.0) * kmax + jnp.minimum(qg, 0.0) * kmin,
+                                 axis=1))
+    return s
 
-  s = lax.fori_loop(0, (first < n_past).astype(jnp.int32), body,
-                    jnp.zeros((rows, nc), jnp.float32))
-  if kind == "mean":  # row 0 holds the group-mean query, the other rows are zero
-    score = jnp.sum(s, axis=0)
-  else:
-    score = jnp.max(jnp.where(jnp.arange(rows)[:, None] < groups, s, -jnp.inf), axis=0)
+  init = jnp.full((nc,), 0.0 if kind == "mean" else -jnp.inf, jnp.float32)
+  score = lax.fori_loop(0, (first < n_past).astype(jnp.int32), body, init)
   blocks = first + jnp.arange(nc)
-  o_ref[...] = jnp.where(blocks < n_past, score, -jnp.inf)
+  score = jnp.where(blocks < n_past, score, -jnp.inf)
+  if force_own:
+    score = jnp.where(blocks == n_past, jnp.inf, score)
+  o_ref[...] = score
 
 
 def summary_block_scores(q_BKRH, summaries_BCKH, lengths_B, *, kind, groups, block, nc, num_warps,
-                         num_stages, interpret=False):
+                         num_stages, force_own=False, interpret=False):
   """Block scores [B, K, C] f32 from summaries [B, C, K, H] (one array for kind 'mean', (min,
-  max) for 'minmax'). q [B, K, R, H] f32: 'mean': row 0 the group-mean query, rows 1.. zero;
-  'minmax': the G query heads then zero rows. nc must divide C."""
+  max) for 'minmax'). q [B, K, R, H] f32 (R a power of two): 'mean': row 0 the group-mean
+  query; 'minmax': the G query heads in rows 0..G-1. nc must divide C. force_own: the new
+  token's own block scores +inf (MoBA always keeps it)."""
   b, kh, r, h = q_BKRH.shape
   c = summaries_BCKH[0].shape[1]
   sum_spec = pl.BlockSpec((None, c, None, h), lambda b_, k_, t: (b_, 0, k_, 0))
   return pl.pallas_call(
-      functools.partial(_summary_kernel, block=block, nc=nc, groups=groups, kind=kind),
+      functools.partial(_summary_kernel, block=block, nc=nc, groups=groups, kind=kind,
+                        force_own=force_own),
       grid=(b, kh, c // nc),
       in_specs=[pl.BlockSpec(), pl.BlockSpec((None, None, r, h), lambda b_, k_, t: (b_, k_, 0, 0))]
       + [sum_spec] * len(summaries_BCKH),

@@ -124,6 +124,52 @@ class MSACache:
 
 
 @struct.dataclass
+class MoBACache:
+  """Keys/values plus each key block's mean key (MoBA's block summary; slot s = position s,
+  block c = slots [c * block_size, (c + 1) * block_size)), so a decode step scores blocks by
+  reading 1/block_size of the keys. A block's mean is over all its slots (unwritten ones are
+  zero), so it is exact from the step the block fills on; only complete blocks are scored."""
+  kv: KVCache
+  mean_BCKH: jax.Array  # float32 [B, ceil(capacity / block_size), K, H]
+  block_size: int = struct.field(pytree_node=False, default=128)
+
+  @classmethod
+  def zeros(cls, batch, max_len, num_kv_heads, head_dim, dtype, *, block_size):
+    c = -(-max_len // block_size)
+    return cls(KVCache.zeros(batch, max_len, num_kv_heads, head_dim, dtype),
+               jnp.zeros((batch, c, num_kv_heads, head_dim), jnp.float32), block_size)
+
+  @property
+  def capacity(self) -> int:
+    return self.kv.capacity
+
+  @property
+  def positions(self):
+    return self.kv.positions
+
+  def write(self, k_BTKH, v_BTKH, start):
+    """Writes positions start..start+T-1 and re-averages the blocks they touch: a one-token
+    step (T == 1) reads only its own block; a longer chunk (a prefill) re-averages every block."""
+    kv = self.kv.write(k_BTKH, v_BTKH, start)
+    b, s, kh, h = kv.k_BSKH.shape
+    bs, c = self.block_size, self.mean_BCKH.shape[1]
+    if k_BTKH.shape[1] > 1:
+      k = jnp.pad(kv.k_BSKH, ((0, 0), (0, c * bs - s), (0, 0), (0, 0)))
+      mean_BCKH = k.reshape(b, c, bs, kh, h).astype(jnp.float32).mean(axis=2)
+      return self.replace(kv=kv, mean_BCKH=mean_BCKH)
+    blk = start // bs
+    # The block's slots (the last block of a cache that is not a whole number of blocks is
+    # shorter: the slice start is clamped, so take the mean over exactly its own slots then).
+    first = jnp.minimum(blk * bs, s - bs) if s >= bs else 0
+    k_BLKH = jax.lax.dynamic_slice_in_dim(kv.k_BSKH, first, min(bs, s), axis=1)
+    own_L = (first + jnp.arange(min(bs, s))) // bs == blk
+    mean_BKH = jnp.where(own_L[None, :, None, None], k_BLKH.astype(jnp.float32), 0.0).sum(
+        axis=1) / bs
+    mean = jax.lax.dynamic_update_slice_in_dim(self.mean_BCKH, mean_BKH[:, None], blk, axis=1)
+    return self.replace(kv=kv, mean_BCKH=mean)
+
+
+@struct.dataclass
 class LightningCache:
   """Lightning attention's recurrent state: the decayed sum of k^T v over every earlier token,
   float32 [B, N, H, H]. It holds no key slots (capacity 0): its size does not grow with the context."""

@@ -202,7 +202,8 @@ _DECODE_IMPLS = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
 
 
 def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_kv, scale,
-                msa_cfg=None, index_q_BTKI=None, index_k_BSI=None):
+                msa_cfg=None, index_q_BTKI=None, index_k_BSI=None, moba_cfg=None,
+                mean_BCKH=None):
   """One new token per row (T == 1) over a linear cache on the decode kernels, or None (the
   caller then takes `attention_core`'s XLA path) for attention_impl 'xla' or a cache whose
   length is not a multiple of the kernel block (logged once).
@@ -212,15 +213,19 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
   block_kv slots) without msa_cfg; with it, MSA decode: index block scores of index_q
   [B, 1, K, I] against index_k [B, S, I], top-k blocks of msa_cfg.block_size with the local
   blocks forced (per GQA group, or the max over groups for selection='max_heads', exactly as
-  `msa.msa_selection`), attention over the selected blocks only. On CPU the Pallas kernels run
-  in interpret mode. Returns y [B, 1, N, H] in q's dtype.
+  `msa.msa_selection`), attention over the selected blocks only. With moba_cfg, MoBA decode:
+  block scores from the cached block means mean_BCKH f32 [B, C, K, H] (group-mean query . mean
+  key over complete past blocks, `summary_block_scores` kind 'mean'), top-k with the own block
+  forced (exactly `moba.moba_selection`), attention over those blocks. On CPU the Pallas
+  kernels run in interpret mode. Returns y [B, 1, N, H] in q's dtype.
   """
   if implementation == "xla":
     return None
   from mixtral_jax.kernels import decode_attention as da
 
   impl = _DECODE_IMPLS[implementation]
-  block = block_kv if msa_cfg is None else msa_cfg.block_size
+  block = (msa_cfg.block_size if msa_cfg is not None else moba_cfg.block_size
+           if moba_cfg is not None else block_kv)
   s = k_BSKH.shape[1]
   if s % block:
     reason = f"cache length {s} not a multiple of the decode kernel block {block}"
@@ -231,6 +236,14 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
   lengths_B = positions_BT[:, 0].astype(jnp.int32) + 1
   kw = dict(implementation=impl, interpret=jax.default_backend() == "cpu")
   q_BNH = q_BTNH[:, 0]
+  if moba_cfg is not None:
+    summaries = da.BlockSummaries(mean_BCKH, None, None)  # MoBA reads the means only
+    scores_BKC = da.summary_block_scores(q_BNH, summaries, lengths_B, kind="mean",
+                                         block_size=block, force_own=True, **kw)
+    blocks_BKJ, _ = da.select_forced(scores_BKC, top_k=moba_cfg.top_k)
+    y_BNH = da.sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, blocks_BKJ, block_size=block,
+                             sm_scale=scale, **kw)
+    return y_BNH[:, None]
   if msa_cfg is None:
     y_BNH = da.dense_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, sm_scale=scale,
                             block_sizes=da.BlockSizes(block_kv=block), **kw)

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
+from mixtral_jax.model.attention.cache import MoBACache
 from mixtral_jax.model.attention.common import (
-    KVCache, SoftmaxAttentionBase, attention_core, check_implementation, log_fallback_once,
-    pad_to_blocks)
+    SoftmaxAttentionBase, attention_core, check_implementation, decode_core,
+    log_fallback_once, pad_to_blocks)
 
 SELECT_CHUNK = 2048  # queries scored at a time on the kernel path: [B, K, chunk, C] f32 scores
 
@@ -99,13 +100,27 @@ def moba_kernel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, block_size, t
 
 
 class MoBAAttention(SoftmaxAttentionBase):
-  """Causal GQA attention restricted to the top-k key blocks per query and KV group."""
+  """Causal GQA attention restricted to the top-k key blocks per query and KV group.
 
-  def __call__(self, x_BTD, positions_BT, cache: KVCache | None = None):
+  Cache: `MoBACache` (keys, values and each block's mean key). A decode step (T == 1) under a
+  Pallas attention_impl scores blocks from the cached means and attends to the chosen blocks on
+  the decode kernels (`common.decode_core`); everything else on `attention_core`."""
+
+  def __call__(self, x_BTD, positions_BT, cache: MoBACache | None = None):
     """x [B, T, D], positions int32 [B, T] -> (y [B, T, D], cache, {})."""
     bs = self.cfg.moba.block_size
     q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_BT)
-    k_BSKH, v_BSKH, k_pos, cache = self.keys(k_BTKH, v_BTKH, positions_BT, cache)
+    if cache is None:
+      k_BSKH, v_BSKH, k_pos = k_BTKH, v_BTKH, positions_BT
+    else:
+      cache = cache.write(k_BTKH, v_BTKH, positions_BT[0, 0])
+      k_BSKH, v_BSKH, k_pos = cache.kv.k_BSKH, cache.kv.v_BSKH, cache.positions[None]
+      if x_BTD.shape[1] == 1:
+        y_BTNH = decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT,
+                             implementation=self.cfg.attention_impl, block_kv=bs,
+                             scale=self.scale, moba_cfg=self.cfg.moba, mean_BCKH=cache.mean_BCKH)
+        if y_BTNH is not None:
+          return self.o_proj(y_BTNH), cache, {}
     y_BTNH = moba_kernel_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, block_size=bs,
                                    top_k=self.cfg.moba.top_k,
                                    implementation=self.cfg.attention_impl, scale=self.scale)
@@ -117,3 +132,7 @@ class MoBAAttention(SoftmaxAttentionBase):
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=bs, implementation=self.cfg.attention_impl)
     return self.o_proj(y_BTNH), cache, {}
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> MoBACache:
+    return MoBACache.zeros(batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
+                           dtype or self.dtype, block_size=self.cfg.moba.block_size)
