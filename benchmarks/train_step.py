@@ -131,7 +131,7 @@ def hlo_op_names(hlo_text: str) -> dict:
 
 def category(op_name: str, kernel: str) -> str:
   """Profile bucket of one device event from its op_name scopes (innermost listed scope wins)."""
-  parts = op_name.split("/")
+  parts = set(re.findall(r"\w+", op_name))  # scopes appear wrapped: jvp(attention), transpose(...)
   for scope in SCOPES:
     if scope in parts:
       if scope == "attention":
