@@ -286,8 +286,11 @@ def run_model(name, config, args, out, record):
     loads.append(np.asarray(mh["load"]))
     pending = None
     prof_batches = [trainer_lib.shard_batch(next(data_it), mesh) for _ in range(args.profile_steps)]
-    state, prof = profile_breakdown(compiled, state, prof_batches, mesh, args.profile_steps,
-                                    compiled.as_text())
+    try:
+      state, prof = profile_breakdown(compiled, state, prof_batches, mesh, args.profile_steps,
+                                      compiled.as_text())
+    except Exception as e:  # a profiler failure must not lose the timings (CUPTI missing, ...)
+      prof = {"error": f"{type(e).__name__}: {e}"[:500]}
     res["profile"] = prof
     record(res)
     print(f"[{name}] profile: " + json.dumps(prof.get("buckets_ms_per_step", prof)), flush=True)
