@@ -77,19 +77,23 @@ def dropless_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, act=gated_a
   """Sorted grouped matmul. Returns y_ND float32 = sum_k w_nk * expert_{idx_nk}(x_n)."""
   n, k = idx_NK.shape
   e = gate_EDF.shape[0]
-  flat_M = idx_NK.reshape(-1)                        # M = N*K assignments, token-major
-  order_M = jnp.argsort(flat_M, stable=True)         # grouped by expert
-  group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
-  # inv_M[m]: the sorted row of assignment m. An int scatter of M entries replaces the [M, D] float
-  # scatter of the unsort; every row permutation below is then a gather, forward and backward.
-  inv_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-  xs_MD = _gather_rows(x_ND, order_M // k, inv_M)
-  gmm = functools.partial(grouped_matmul, group_sizes_E=group_sizes_E, impl=impl)
-  g_MF = gmm(xs_MD, gate_EDF)
-  u_MF = gmm(xs_MD, up_EDF)
-  ys_MD = gmm(act(g_MF, u_MF), down_EFD)
-  y_MD = _gather_rows(ys_MD, inv_M, order_M)           # unsort: row m is assignment m again
-  return jnp.einsum("NKD,NK->ND", y_MD.reshape(n, k, -1).astype(jnp.float32), w_NK)
+  with jax.named_scope("permute"):
+    flat_M = idx_NK.reshape(-1)                        # M = N*K assignments, token-major
+    order_M = jnp.argsort(flat_M, stable=True)         # grouped by expert
+    group_sizes_E = jnp.bincount(flat_M, length=e).astype(jnp.int32)
+    # inv_M[m]: the sorted row of assignment m. An int scatter of M entries replaces the [M, D]
+    # float scatter of the unsort; every row permutation below is then a gather, fwd and bwd.
+    inv_M = jnp.zeros_like(order_M).at[order_M].set(
+        jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+    xs_MD = _gather_rows(x_ND, order_M // k, inv_M)
+  with jax.named_scope("experts"):
+    gmm = functools.partial(grouped_matmul, group_sizes_E=group_sizes_E, impl=impl)
+    g_MF = gmm(xs_MD, gate_EDF)
+    u_MF = gmm(xs_MD, up_EDF)
+    ys_MD = gmm(act(g_MF, u_MF), down_EFD)
+  with jax.named_scope("combine"):
+    y_MD = _gather_rows(ys_MD, inv_M, order_M)           # unsort: row m is assignment m again
+    return jnp.einsum("NKD,NK->ND", y_MD.reshape(n, k, -1).astype(jnp.float32), w_NK)
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -195,7 +199,8 @@ class MoE(nnx.Module):
       from mixtral_jax.model import moe_ep  # late: moe_ep imports this module
       idx_NK, w_NK, logits_NE, scores_NE = moe_ep.route_local(self.gate, x_ND)
     else:
-      idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
+      with jax.named_scope("router"):
+        idx_NK, w_NK, logits_NE, scores_NE = self.gate(x_ND)
     weights = [w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
     if expert_parallel:
       y_ND = moe_ep.ep_experts(x_ND, idx_NK, w_NK, *weights, act=self.act,

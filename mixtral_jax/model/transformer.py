@@ -54,17 +54,21 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, positions_BT, cache=None, mask_BT=None):
     """Returns (x_BTD, cache, aux) with aux = {"load": f32[E] or None, "losses": {...}}; mask_BT
     (optional) marks the tokens counted in the router's load and balance losses."""
-    h = self.input_norm(x_BTD)
-    a, cache, losses = self.attn(h, positions_BT, cache)
+    # Named scopes tag the HLO ops (op_name metadata) so a profile splits time by part.
+    with jax.named_scope("attention"):
+      h = self.input_norm(x_BTD)
+      a, cache, losses = self.attn(h, positions_BT, cache)
     x_BTD = self._residual(x_BTD, h, a, self.attn_scales)
     h = self.post_attn_norm(x_BTD)
     load = None
     if self.is_moe:
-      m, moe_aux = self.mlp(h, mask_BT)
+      with jax.named_scope("moe"):
+        m, moe_aux = self.mlp(h, mask_BT)
       load = moe_aux["load"]
       losses = {**losses, **moe_aux["losses"]}
     else:
-      m = self.mlp(h)
+      with jax.named_scope("mlp"):
+        m = self.mlp(h)
     x_BTD = self._residual(x_BTD, h, m, self.mlp_scales)
     return constrain(x_BTD, "batch", "length", "embed"), cache, {"load": load, "losses": losses}
 
@@ -168,11 +172,12 @@ class Transformer(nnx.Module):
         loads.append(aux["load"].reshape(-1, aux["load"].shape[-1]))
       for name, value in aux["losses"].items():
         losses[name] = losses.get(name, 0.0) + value
-    x_BTD = self.final_norm(x_BTD)
-    if self.cfg.tie_embeddings:
-      logits = self.embed.attend(x_BTD)
-    else:
-      logits = self.lm_head(x_BTD)
+    with jax.named_scope("lm_head"):
+      x_BTD = self.final_norm(x_BTD)
+      if self.cfg.tie_embeddings:
+        logits = self.embed.attend(x_BTD)
+      else:
+        logits = self.lm_head(x_BTD)
     logits = constrain(logits.astype(jnp.float32), "batch", "length", "vocab")
     load = (jnp.concatenate(loads) if loads
             else jnp.zeros((0, self.cfg.moe.num_experts), jnp.float32))

@@ -172,12 +172,14 @@ def make_train_step(config, graphdef, shardings, schedule, num_tasks: int):
       logits_BTV, _, aux = model.forward(batch["inputs"], mask_BT=batch["inputs"] != PAD)
       # loss_on="answers": the next-token loss counts only the answer tokens (loss_mask).
       loss_batch = {**batch, "lm_mask": batch["loss_mask"]} if answers_only else batch
-      loss, metrics = loss_and_metrics(logits_BTV, aux, loss_batch, num_tasks)
+      with jax.named_scope("loss"):
+        loss, metrics = loss_and_metrics(logits_BTV, aux, loss_batch, num_tasks)
       return loss, (metrics, aux["load"])
 
     lr = schedule(optimizer.step[...])
     (_, (metrics, load_LE)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+    with jax.named_scope("optimizer"):  # a profile's optimizer share (benchmarks/train_step.py)
+      optimizer.update(model, grads)
     if use_bias:
       from mixtral_jax.model import router
       # Under jit the load is a global-view sum over the data-sharded batch: all shards' tokens.
