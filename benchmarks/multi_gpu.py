@@ -153,7 +153,7 @@ def exchange_removed():
 # ---- part 3: correctness -------------------------------------------------------------------------
 
 def loss_and_grads(model_cfg, mesh, params_from, batch):
-  """(loss, {param path: grad}, pure params) of the trainer's loss on `mesh`; the parameters are
+  """(loss, {param path: grad}, pure params, all_to_all count in the step's jaxpr) of the trainer's loss on `mesh`; the parameters are
   copied from `params_from` (a pure dict of another run) when given."""
   from mixtral_jax.model.transformer import Transformer  # late: as the trainer's default_model_fn
 
@@ -173,11 +173,14 @@ def loss_and_grads(model_cfg, mesh, params_from, batch):
         logits_BTV, _, aux = m.forward(b["inputs"])
         return trainer_lib.loss_and_metrics(logits_BTV, aux, b, 1)[0]
       return nnx.value_and_grad(loss_fn)(nnx.merge(graphdef, state))
-    loss, grads = f(state, trainer_lib.shard_batch(batch, mesh))
+    sb = trainer_lib.shard_batch(batch, mesh)
+    traced = f.trace(state, sb)
+    loss, grads = traced.lower().compile()(state, sb)
+  exchanges = str(traced.jaxpr).count("all_to_all")  # the expert-parallel path's exchanges
   flat_g = {p: np.asarray(v.get_value() if hasattr(v, "get_value") else v, np.float32)
             for p, v in nnx.to_flat_state(nnx.state(grads, nnx.Param))}
   pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  return float(loss), flat_g, pure
+  return float(loss), flat_g, pure, exchanges
 
 
 def part_check(args, devices, log):
@@ -189,22 +192,22 @@ def part_check(args, devices, log):
   mcfg = model_config(margs, dtype)
   batch = make_batch(n * args.check_batch, args.check_seq, mcfg.vocab_size, seed=1)
   t0 = time.perf_counter()
-  loss1, g1, p1 = loss_and_grads(mcfg, mesh_of({}, devices[:1]), None, batch)
+  loss1, g1, p1, _ = loss_and_grads(mcfg, mesh_of({}, devices[:1]), None, batch)
   ctx = expert_parallel_on_one_device() if n == 1 else contextlib.nullcontext()
   with ctx:
-    loss_n, g_n, _ = loss_and_grads(mcfg, mesh_of(dict(expert=n), devices), p1, batch)
+    loss_n, g_n, _, exchanges = loss_and_grads(mcfg, mesh_of(dict(expert=n), devices), p1, batch)
   errs = {"/".join(map(str, p)): rel(g_n[p], g1[p]) for p in g1}
   worst = max(errs, key=errs.get)
   loss_err = abs(loss_n - loss1) / abs(loss1)
-  ok = loss_err <= tol_loss and errs[worst] <= tol_grad
+  ok = loss_err <= tol_loss and errs[worst] <= tol_grad and exchanges > 0
   row = dict(part="check", n=n, dtype=dtype, loss_1=loss1, loss_ep=loss_n, loss_rel_err=loss_err,
              worst_grad=worst, worst_grad_rel_err=errs[worst],
              median_grad_rel_err=float(np.median(list(errs.values()))), tol_loss=tol_loss,
              tol_grad=tol_grad, ok=ok, seconds=time.perf_counter() - t0,
-             forced_ep_on_one_device=n == 1)
+             forced_ep_on_one_device=n == 1, all_to_alls_in_ep_step=exchanges)
   log(f"check {dtype} expert={n} vs 1 device: loss {loss_n:.6f} vs {loss1:.6f} (rel {loss_err:.1e}, "
       f"tol {tol_loss}); worst grad rel L2 {errs[worst]:.2e} at {worst} (tol {tol_grad}) -> "
-      f"{'OK' if ok else 'CHECK FAILED'}")
+      f"{exchanges} all_to_alls in the EP step -> {'OK' if ok else 'CHECK FAILED'}")
   return [row]
 
 
