@@ -32,13 +32,17 @@ from mixtral_jax.kernels import decode_attention as da
 N, K, H, I, BLOCK, TOP_K = 48, 8, 128, 128, 128, 16
 IMPL = ["pallas_triton"]  # --smoke: "xla", to check this script on a CPU
 DT = jnp.bfloat16
+# Calls per loop iteration: an XLA:GPU while loop costs ~14 us per iteration on the H200 (the
+# empty step of --parts), charged to every call at --unroll 1 (the 2026-12-01 tables).
+UNROLL = [8]
 
 
 def timeit(step, carry, *args, target_s=0.05, batches=5, reps=None):
   """Median seconds per call of step(carry, *args) -> carry, looped inside one jit (reps calls
   per loop: given, or sized to ~target_s from a 2-call loop)."""
   def loop(reps):
-    return jax.jit(lambda c, *a: lax.fori_loop(0, reps, lambda _, c: step(c, *a), c))
+    return jax.jit(lambda c, *a: lax.fori_loop(0, reps, lambda _, c: step(c, *a), c,
+                                               unroll=UNROLL[0]))
 
   if reps is None:
     one = loop(2)
@@ -274,7 +278,7 @@ def reps_for(t):
   """Calls per timing loop: ~20-60 ms of work at M2 dims, without a probe compile."""
   if IMPL[0] == "xla":  # --smoke on a CPU: check the logic, not the speed
     return 2
-  return int(min(400, max(20, 5e7 / t)))
+  return int(min(400, max(24, 5e7 / t))) // UNROLL[0] * UNROLL[0]
 
 
 def short(bs):
@@ -328,6 +332,8 @@ def tune(t, lines, dense=False, out=None):
   best = sweep("msa", msa, [best, rep(best, score_num_warps=8), rep(best, score_num_stages=3)],
                lines, args, reps_for(t))
   best = sweep("msa", msa, [best, rep(best, blocks_per_program=2)], lines, args, reps_for(t))
+  best = sweep("msa", msa, [best] + [rep(best, select_chunk=n) for n in (256, 1024, None)
+                                     if n != best.select_chunk], lines, args, reps_for(t))
   write(lines, out)
   summ = lambda bs: lambda q, k, v, ik, L, sm: da.summary_decode(
       q, k, v, L, sm, kind="mean", block_size=BLOCK, top_k=TOP_K, implementation=IMPL[0],
@@ -362,14 +368,18 @@ def main():
                  help="first time each launch of MSA / summary decode at the largest T, B=1")
   p.add_argument("--xla", action="store_true", help="add the XLA reference rows at B=1")
   p.add_argument("--smoke", action="store_true", help="XLA in place of the kernels (CPU check)")
+  p.add_argument("--unroll", type=int, default=8,
+                 help="decode calls per loop iteration (amortizes the loop's own cost)")
   args = p.parse_args()
+  UNROLL[0] = 1 if args.smoke else args.unroll
   if args.smoke:
     IMPL[0] = "xla"
   seqs = [int(s) for s in args.seqs.split(",")]
   batches = [int(s) for s in args.batches.split(",")]
   dev = jax.devices()[0]
   lines = [f"## Decode attention (`benchmarks/decode.py`): {dev.device_kind}, jax {jax.__version__}, "
-           f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", ""]
+           f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+           f"{UNROLL[0]} calls per loop iteration", ""]
   lines = check_correctness(lines)
   print("\n".join(lines), flush=True)
   write(lines, args.out)

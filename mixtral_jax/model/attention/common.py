@@ -240,7 +240,9 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
     summaries = da.BlockSummaries(mean_BCKH, None, None)  # MoBA reads the means only
     scores_BKC = da.summary_block_scores(q_BNH, summaries, lengths_B, kind="mean",
                                          block_size=block, force_own=True, **kw)
-    blocks_BKJ, _ = da.select_forced(scores_BKC, top_k=moba_cfg.top_k)
+    blocks_BKJ, _ = da.select_forced(scores_BKC, top_k=moba_cfg.top_k,
+                                     chunk=da.BlockSizes().select_chunk, lengths_B=lengths_B,
+                                     block_size=block)
     y_BNH = da.sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, blocks_BKJ, block_size=block,
                              sm_scale=scale, **kw)
     return y_BNH[:, None]
@@ -254,7 +256,8 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
   if msa_cfg.selection == "max_heads":
     scores_BKC = jnp.broadcast_to(scores_BKC.max(axis=1, keepdims=True), scores_BKC.shape)
   indices_BKJ = da.select_top_blocks(scores_BKC, lengths_B, block_size=block,
-                                     top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks)
+                                     top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks,
+                                     chunk=da.BlockSizes().select_chunk)
   y_BNH = da.sparse_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, indices_BKJ, block_size=block,
                            sm_scale=scale, **kw)
   return y_BNH[:, None]
