@@ -58,6 +58,14 @@ def batch_shards(mesh) -> int:
   return math.prod(mesh.shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
 
 
+def mesh_platform() -> str:
+  """The platform the current mesh's devices compile for ('tpu' for a TPU topology compiled ahead
+  of time on a CPU host); jax.default_backend() outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None if mesh.empty else getattr(mesh.abstract_device, "platform", None)
+  return platform or jax.default_backend()
+
+
 def partitioned(init, *names: str | None):
   """Wraps an initializer so the parameter is created sharded by its logical `names`.
 

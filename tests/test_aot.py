@@ -56,3 +56,19 @@ def test_collectives_parser():
   ops = aot.collectives(hlo)
   assert [(o["op"], o["bytes"]) for o in ops] == [
       ("all-gather", 64 * 128 * 2), ("all-reduce", 4 * 4 + 16 * 4), ("ragged-all-to-all", 30 * 64 * 2)]
+
+
+def test_moe_kernels_follow_the_mesh_platform_not_the_host():
+  """Compiled for TPU on a CPU host, the MoE's default grouped matmul is the Mosaic kernel, not the
+  CPU's blocked XLA path (which gathers one expert matrix per row block: M2's 146 GiB)."""
+  import jax
+  from jax.experimental import topologies
+  from mixtral_jax import aot, sharding
+  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  c = tiny(fsdp=2, expert=2)
+  with jax.set_mesh(sharding.make_mesh(c.mesh, devices=list(topo.devices))):
+    assert sharding.mesh_platform() == "tpu"
+  assert sharding.mesh_platform() == jax.default_backend()
+  compiled, _ = aot.compile_train_step(c, "v5e:2x2")
+  # Per layer scan body: 3 gmm forward, 3 x (gmm against transposed weights + tgmm) backward.
+  assert compiled.as_text().count("tpu_custom_call") >= 9

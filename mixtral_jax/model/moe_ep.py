@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mixtral_jax.model.moe import grouped_matmul
-from mixtral_jax.sharding import batch_shards, logical_to_spec
+from mixtral_jax.sharding import batch_shards, logical_to_spec, mesh_platform
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def ep_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, *, act, all_to_al
   if gate_EDF.shape[0] % mesh.shape["expert"]:
     raise ValueError(f"moe.num_experts: {gate_EDF.shape[0]} experts do not split over "
                      f"expert={mesh.shape['expert']} devices")
-  platform = getattr(mesh.abstract_device, "platform", None)
-  impl = resolve_all_to_all(all_to_all, platform)
+  impl = resolve_all_to_all(all_to_all, mesh_platform())
   tok = P(batch, None)
   w_in = logical_to_spec(("expert", None, "expert_mlp"))   # the FSDP dim is gathered here
   w_out = logical_to_spec(("expert", "expert_mlp", None))
