@@ -29,8 +29,8 @@ def test_multihop_config_variants():
     other["model"]["attention_pattern"] = base["model"]["attention_pattern"]
     assert other == base, variant
   half = sweep.run_config("msa", 3, steps=600)
-  assert (half.seed, half.train.steps, half.train.warmup_steps) == (3, 600, 30)
-  assert half.data.curriculum == ((150, 256), (300, 512))
+  assert (half.seed, half.train.steps, half.train.warmup_steps) == (3, 600, 20)
+  assert half.data.curriculum == ((120, 64), (240, 128), (360, 256))
   with pytest.raises(ValueError, match="variant"):
     multihop.get_config("smoke")
   with pytest.raises(ValueError, match="unknown"):

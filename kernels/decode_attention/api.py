@@ -71,6 +71,12 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {v!r}")
 
 
+# Dense decode's own default: 8 warps and 3 stages per split-K program. On the H200 (2026-12-02
+# tile sweep, 1M tokens, B=1, M2 dims) it ran 969.9 us against cuDNN's 1009.6 (1.04x), where the
+# sparse kernels' default of 4 warps / 2 stages ran 1093 us (0.88x).
+DENSE_BLOCK_SIZES = BlockSizes(num_warps=8, num_stages=3)
+
+
 def default_implementation(backend=None):
   backend = backend or jax.default_backend()
   return {"tpu": "pallas_tpu", "gpu": "pallas_triton"}.get(backend, "xla")
@@ -207,7 +213,7 @@ def dense_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale=None, block_sizes
   multiple of block_sizes.block_kv. Returns [B, N, H] in q's dtype (rows of length 0: zeros).
   """
   _validate(q_BNH, k_BSKH, v_BSKH, lengths_B, implementation)
-  bs = block_sizes or BlockSizes()
+  bs = block_sizes or DENSE_BLOCK_SIZES
   scale = _scale(sm_scale, q_BNH.shape[-1])
   y = _choose(implementation, lambda impl: _attend(
       q_BNH, k_BSKH, v_BSKH, lengths_B, None, block=bs.block_kv, sm_scale=scale, bs=bs,

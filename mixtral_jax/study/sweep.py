@@ -46,14 +46,22 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
 
 
 def decode_implementation(config) -> str:
-  """The decode path the timing ran on: the configured attention_impl, None resolved to the
-  backend's best decode kernels (XLA on CPU). Layer kinds without a decode kernel (lightning, and
-  any the model logs as falling back) decode on XLA inside the same step."""
-  impl = config.model.attention_impl
+  """The decode path the timing runs on: config.study.decode_impl (else the model's
+  attention_impl), None resolved to the backend's best decode kernels (XLA on CPU). Layer kinds
+  without a decode kernel (lightning, and any the model logs as falling back) decode on XLA
+  inside the same step."""
+  impl = config.study.get("decode_impl", config.model.attention_impl)
   if impl is None:
     from mixtral_jax.kernels.decode_attention import api as decode_api
     impl = decode_api.default_implementation()
   return impl
+
+
+def decode_config(config):
+  """`config` with model.attention_impl set to the decode timing's implementation."""
+  c = config.copy_and_resolve_references()
+  c.model.attention_impl = config.study.get("decode_impl", config.model.attention_impl)
+  return c
 
 
 def decode_step_ms(model, config, mesh) -> float:
@@ -113,7 +121,16 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | No
   with jax.set_mesh(mesh):
     report = evaluation.evaluate_model(model, config)
   t2 = time.time()
-  decode_ms = decode_step_ms(model, config, mesh)
+  dconfig = decode_config(config)
+  decode_error = None
+  try:  # a decode path that fails costs its column, not the trained run
+    if dconfig.model.attention_impl != config.model.attention_impl:  # same weights, other paths
+      model, _ = trainer.restore_model(dconfig, out_dir, mesh)
+    decode_ms = decode_step_ms(model, dconfig, mesh)
+  except Exception as e:  # noqa: BLE001 - recorded in run.json and logged
+    log.error("run %s seed %d: decode timing on %s failed: %r", variant, seed,
+              decode_implementation(config), e)
+    decode_ms, decode_error = None, f"{type(e).__name__}: {e}"[:500]
   tps = metrics.get("tokens_per_second")
   dev = jax.devices()[0]
   result = {
@@ -129,7 +146,7 @@ def run_one(variant: str, seed: int, workdir: str, modifiers=(), steps: int | No
       "step_ms": (1e3 * config.train.batch_size * config.train.seq_len / tps) if tps else None,
       "train_seconds": round(t1 - t0, 2), "eval_seconds": round(t2 - t1, 2),
       "decode_ms": decode_ms, "decode_context": int(config.study.decode_context),
-      "decode_implementation": decode_implementation(config),
+      "decode_implementation": decode_implementation(config), "decode_error": decode_error,
   }
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
