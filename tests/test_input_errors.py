@@ -124,6 +124,13 @@ def model():
     (dict(max_len=0), "max_len must be a positive int"),
     (dict(max_len=3), "max_len=3 cannot hold"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(prompt_lengths=[1, 2]), r"prompt_lengths: expected ints of shape \(1,\), .* \(2,\)"),
+    (dict(prompt_lengths=[[3]]), "prompt_lengths: expected ints of shape"),
+    (dict(prompt_lengths=[2.0]), "prompt_lengths: expected ints .* got float64"),
+    (dict(prompt_lengths=[0]), r"prompt_lengths: each length must be in \[1, T=3\], got 0"),
+    (dict(prompt_lengths=[4]), r"prompt_lengths: each length must be in \[1, T=3\], got 4"),
+    (dict(prompt=[[1, 2, 256]], prompt_lengths=[3]), "prompt_BT: token ids .* got 256"),
+    (dict(prompt_lengths=[2], max_len=4), "max_len=4 cannot hold the prompt \\(2\\) plus 4"),
 ])
 def test_generate_validates_arguments(model, kwargs, match):
   prompt = jnp.asarray(kwargs.pop("prompt", [[1, 2, 3]]))

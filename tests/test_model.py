@@ -64,6 +64,51 @@ def test_generate_greedy_matches_argmax_of_forward():
     np.testing.assert_array_equal(out[:, t], jnp.argmax(model(out[:, :t])[:, -1], -1))
 
 
+def _pattern_model(name):
+  kw = dict(PATTERNS[name])
+  cfg = tiny(kw.pop("pattern"), **kw)
+  if name == "m2":
+    cfg.moe.update(router="sigmoid", use_bias=True)
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_generate_ragged_prompts_equal_each_row_alone(name):
+  """Prompts of 5, 9 and 7 tokens in one batch (right-padded with random tokens, which must never
+  be read): each row gets the 4 greedy tokens `generate` gives that row alone. 9 + 4 > window 8
+  and lightning_block 8: the ring slides and the recurrent state crosses a block after the
+  common prefix, where a padded prefill would have written pads into both."""
+  model = _pattern_model(name)
+  lengths, n, S = (5, 9, 7), 4, 16  # one cache size for every call: fewer compiles
+  T = max(lengths)
+  prompt = jax.random.randint(jax.random.key(6), (3, T), 0, model.cfg.vocab_size)
+  out, out_lengths = generate.generate(model, prompt, n, prompt_lengths=lengths, max_len=S,
+                                       pad_id=-1)
+  assert out.shape == (3, T + n) and out.dtype == jnp.int32
+  np.testing.assert_array_equal(out_lengths, np.array(lengths) + n)
+  for b, length in enumerate(lengths):
+    alone = generate.generate(model, prompt[b:b + 1, :length], n, max_len=S)
+    np.testing.assert_array_equal(out[b, :length + n], alone[0], err_msg=f"{name}: row {b}")
+    assert (out[b, length + n:] == -1).all()
+
+
+def test_generate_prompt_lengths_none_is_the_rectangular_batch():
+  """prompt_lengths=None returns the plain [B, T + n] array; lengths all equal to T take the
+  per-row path and draw exactly the same samples (same keys, same positions)."""
+  model = _pattern_model("swa_hybrid")
+  prompt = jax.random.randint(jax.random.key(7), (2, 6), 0, model.cfg.vocab_size)
+  kw = dict(rng=jax.random.key(3), temperature=1.0, top_p=0.9)
+  out = generate.generate(model, prompt, 5, **kw)
+  assert isinstance(out, jax.Array) and out.shape == (2, 11)
+  same, out_lengths = generate.generate(model, prompt, 5, prompt_lengths=[6, 6], **kw)
+  np.testing.assert_array_equal(same, out)
+  np.testing.assert_array_equal(out_lengths, [11, 11])
+  # No new tokens: the prompts come back, padded past each row's length.
+  only, _ = generate.generate(model, prompt, 0, prompt_lengths=np.array([2, 4]), pad_id=-1)
+  np.testing.assert_array_equal(only, jnp.where(jnp.arange(4) < jnp.array([[2], [4]]),
+                                                prompt[:, :4], -1))
+
+
 def test_top_p_sampling_keeps_only_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   draws = jax.vmap(lambda k: generate.sample(logits, k, temperature=1.0, top_p=0.7))(

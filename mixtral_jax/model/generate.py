@@ -1,7 +1,9 @@
 """Incremental decoding: prefill a prompt into per-layer caches, then one token per step.
 
 `prefill` and `decode_step` are pure functions of (model state, cache, tokens) jitted with the
-cache donated; `generate` loops them with greedy, temperature or top-p (nucleus) sampling.
+cache donated; `generate` loops them with greedy, temperature or top-p (nucleus) sampling, for a
+rectangular prompt batch or for prompts of different lengths (`prompt_lengths`; every decode step
+still writes one position shared by all rows, so no cache needs per-row positions).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -66,36 +69,70 @@ def sample(logits_BV, rng, *, temperature: float = 0.0, top_p: float = 1.0):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: float = 0.0,
-             top_p: float = 1.0, max_len: int | None = None):
-  """Returns int32 [B, T + max_new_tokens]: the prompt followed by the generated tokens.
+def _check_prompt_lengths(prompt_lengths, B: int, T: int) -> np.ndarray:
+  lengths = np.asarray(prompt_lengths)
+  if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
+    raise ValueError(f"prompt_lengths: expected ints of shape ({B},), one per prompt row, got "
+                     f"{lengths.dtype} of shape {lengths.shape}")
+  if lengths.min() < 1 or lengths.max() > T:
+    bad = lengths[(lengths < 1) | (lengths > T)][0]
+    raise ValueError(f"prompt_lengths: each length must be in [1, T={T}], got {bad}")
+  return lengths.astype(np.int32)
 
-  prompt_BT: int token ids in [0, vocab_size), T >= 1. max_len: cache positions (default
-  T + max_new_tokens). Raises ValueError naming a bad argument.
+
+def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: float = 0.0,
+             top_p: float = 1.0, max_len: int | None = None, prompt_lengths=None,
+             pad_id: int = 0):
+  """Generates `max_new_tokens` tokens after each prompt row.
+
+  prompt_BT: int token ids [B, T], T >= 1. max_len: cache positions (default: what the longest
+  row needs). Raises ValueError naming a bad argument.
+
+  prompt_lengths None (every row T tokens long): returns int32 [B, T + max_new_tokens], the
+  prompt followed by the generated tokens.
+
+  prompt_lengths int [B] (each in [1, T]): row b's prompt is prompt_BT[b, :lengths[b]]; the rest
+  of the row is padding, never read. Returns (tokens int32 [B, max(lengths) + max_new_tokens],
+  out_lengths int32 [B] = lengths + max_new_tokens): row b holds its prompt, then its
+  max_new_tokens tokens, then `pad_id`. The common prefix of min(lengths) tokens is prefilled
+  together; after it every decode step writes one shared position for all rows (a row still
+  inside its prompt is fed its own prompt token there), so ring and recurrent caches never see a
+  pad. That costs max(lengths) + max_new_tokens - min(lengths) - 1 decode steps for the batch.
+  Greedy rows equal `generate` on that row alone (with dropless MoE; capacity dispatch drops
+  tokens over the whole batch); sampling splits one key per position for the whole batch, so a
+  sampled row differs from the row generated alone (lengths all T: the same draws as None).
   """
   if prompt_BT.ndim != 2 or prompt_BT.shape[1] < 1:
     raise ValueError(f"prompt_BT: expected [batch, length >= 1] token ids, got shape "
                      f"{prompt_BT.shape}")
   if not jnp.issubdtype(prompt_BT.dtype, jnp.integer):
     raise ValueError(f"prompt_BT: expected integer token ids, got {prompt_BT.dtype}")
+  B, T = prompt_BT.shape
+  lengths = None if prompt_lengths is None else _check_prompt_lengths(prompt_lengths, B, T)
   vocab = model.cfg.vocab_size
-  lo, hi = int(jnp.min(prompt_BT)), int(jnp.max(prompt_BT))
+  checked_BT = prompt_BT
+  if lengths is not None:  # only the tokens inside each row's prompt are read: pads may be anything
+    checked_BT = jnp.where(jnp.arange(T)[None] < jnp.asarray(lengths)[:, None], prompt_BT, 0)
+  lo, hi = int(jnp.min(checked_BT)), int(jnp.max(checked_BT))
   if lo < 0 or hi >= vocab:
     raise ValueError(f"prompt_BT: token ids must be in [0, vocab_size={vocab}), got "
                      f"{lo if lo < 0 else hi}")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
   _check_sampling(temperature, top_p)
-  B, T = prompt_BT.shape
+  longest = T if lengths is None else int(lengths.max())
   if max_len is None:
-    max_len = T + max_new_tokens
+    max_len = longest + max_new_tokens
   if not isinstance(max_len, int) or max_len <= 0:
     raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-  if max_len < T + max_new_tokens - 1:
+  if max_len < longest + max_new_tokens - 1:
     # A cache write past max_len would be clamped onto the last slot: wrong outputs, no error.
-    raise ValueError(f"max_len={max_len} cannot hold the prompt ({T}) plus {max_new_tokens} "
-                     "new tokens")
+    raise ValueError(f"max_len={max_len} cannot hold the prompt ({longest}) plus "
+                     f"{max_new_tokens} new tokens")
   rng = rng if rng is not None else jax.random.key(0)
+  if lengths is not None:
+    return _generate_ragged(model, prompt_BT, lengths, max_new_tokens, rng, max_len, pad_id,
+                            temperature=temperature, top_p=top_p)
   logits, cache = prefill(model, prompt_BT, max_len)
   out = [prompt_BT]
   next_logits = logits[:, -1]
@@ -106,3 +143,30 @@ def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: fl
     if step + 1 < max_new_tokens:
       next_logits, cache = decode_step(model, token_B[:, None], T + step, cache)
   return jnp.concatenate(out, axis=1)
+
+
+def _generate_ragged(model, prompt_BT, lengths, max_new_tokens, rng, max_len, pad_id, **sampling):
+  """`generate` with per-row prompt lengths (validated): see its docstring."""
+  lengths_B = jnp.asarray(lengths)
+  end_B = lengths_B + max_new_tokens
+  prompt_BT = prompt_BT.astype(jnp.int32)
+  T = prompt_BT.shape[1]
+  if max_new_tokens == 0:
+    pad_BT = jnp.arange(T)[None] >= lengths_B[:, None]
+    return jnp.where(pad_BT, pad_id, prompt_BT)[:, :int(lengths.max())], end_B
+  L0 = int(lengths.min())
+  total = int(lengths.max()) + max_new_tokens  # output positions 0..total-1
+  logits, cache = prefill(model, prompt_BT[:, :L0], max_len)
+  next_logits = logits[:, -1]
+  out = [prompt_BT[:, :L0]]
+  for p in range(L0, total):
+    # One key per position, split as in the rectangular loop (equal lengths: the same draws).
+    rng, key = jax.random.split(rng)
+    sampled_B = sample(next_logits, key, **sampling)
+    # Teacher forcing while a row is inside its prompt; its own samples after.
+    token_B = jnp.where(p < lengths_B, prompt_BT[:, min(p, T - 1)], sampled_B)
+    out.append(jnp.where(p < end_B, token_B, pad_id)[:, None])
+    if p + 1 < total:
+      # Rows past their end keep decoding their own samples: harmless, masked to pad_id above.
+      next_logits, cache = decode_step(model, token_B[:, None], p, cache)
+  return jnp.concatenate(out, axis=1), end_B
