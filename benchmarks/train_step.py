@@ -26,6 +26,7 @@ per MoE layer (aux["load"] of the last step, and summed over the last 10 steps).
 Writes $OUT/train_step.json and $OUT/train_step.md (incrementally: a timeout keeps what was done).
 """
 import argparse
+import ast
 import collections
 import glob
 import gzip
@@ -51,10 +52,31 @@ from mixtral_jax.trainer import trainer as trainer_lib
 SPEC_PEAK = 989e12  # H100/H200 SXM dense bf16 tensor-core peak
 
 
+def apply_sets(c, sets):
+  """`--set a.b.c=value` overrides (value read as a Python literal, else kept as a string)."""
+  for item in sets or ():
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set: expected key=value, got {item!r}")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *path, leaf = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"--set: {key!r} is not a config field")
+    node[leaf] = value
+  return c
+
+
 def model_config(name: str, *, smoke: bool, layers: int | None = None, remat: bool | None = None,
                  attention_impl: str | None = "pallas_mosaic_gpu", gmm: str | None = None,
-                 batch: int | None = None, lr: float = 1e-3, steps: int = 200):
-  """The experiment config of `name` (mixtral | m2) at benchmark size (smoke: tiny, CPU)."""
+                 batch: int | None = None, lr: float = 1e-3, steps: int = 200, sets=()):
+  """The experiment config of `name` (mixtral | m2) at benchmark size (smoke: tiny, CPU), with
+  `sets` (`key=value` overrides) applied last."""
   if name == "mixtral":
     c = mixtral_8x7b.get_config()
     # Issue 9's Mixtral-shaped model: 4 layers, d_model 2048, 8 experts top-2 of width 5632.
@@ -87,6 +109,7 @@ def model_config(name: str, *, smoke: bool, layers: int | None = None, remat: bo
     c.model.remat = remat
   if batch is not None:
     c.train.batch_size = batch
+  apply_sets(c, sets)
   config_lib.validate(c, jax.device_count())
   return c
 
@@ -228,6 +251,7 @@ def run_model(name, config, args, out, record):
                      f"{' + bias' if m.moe.use_bias else ''})",
              vocab=m.vocab_size, batch=config.train.batch_size, seq=config.train.seq_len,
              remat=bool(m.remat), attention_impl=m.attention_impl,
+             learning_rate=config.train.learning_rate, overrides=list(args.set),
              grouped_matmul=m.moe.grouped_matmul, params_total=counts["total"],
              params_active=counts["active"], flops_per_token=flops, tokens_per_step=tokens,
              setup_s=time.perf_counter() - t0, compile_s=compile_s, data_ms_per_batch=data_ms)
@@ -357,7 +381,7 @@ def markdown(results) -> str:
       rows += [f"| `{k['kernel']}` | {k['bucket']} | {k['ms_per_step']:.2f} |" for k in p["top_kernels"][:20]]
     b = r.get("balance")
     if b:
-      rows += ["", f"Balance of {r['model']} after {b['steps']} steps: max/min load per layer (last step) "
+      rows += ["", f"Balance of {r['model']} (lr {r['learning_rate']:g}{', ' + ', '.join(r['overrides']) if r['overrides'] else ''}) after {b['steps']} steps: max/min load per layer (last step) "
                f"{[round(x, 2) for x in b['last_step_max_over_min']]}, over the last 10 steps "
                f"{[round(x, 2) for x in b['last10_max_over_min']]}; final loss {b['final_loss']:.3f}"]
   return "\n".join(rows) + "\n"
@@ -377,6 +401,8 @@ def main():
   p.add_argument("--remat", choices=("config", "on", "off"), default="config")
   p.add_argument("--gmm", default=None, help="model.moe.grouped_matmul (default: the backend's best)")
   p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override applied last, e.g. model.moe.z_loss_weight=1e-3 (repeatable)")
   p.add_argument("--deadline", type=float, default=float("inf"),
                  help="epoch seconds: the balance run stops in time to report before this")
   args = p.parse_args()
@@ -402,7 +428,7 @@ def main():
   steps_total = max(args.balance_steps, args.warmup + args.steps + args.profile_steps)
   for name in args.models.split(","):
     config = model_config(name, smoke=args.smoke, layers=args.layers, remat=remat, gmm=args.gmm,
-                          batch=args.batch, lr=args.lr, steps=steps_total)
+                          batch=args.batch, lr=args.lr, steps=steps_total, sets=args.set)
     run_model(name, config, args, args.out, record)
   print(markdown(results), flush=True)
   bad = [r["model"] for r in results if not (r.get("loss_finite") and r.get("loss_decreasing"))]
