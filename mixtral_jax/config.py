@@ -17,6 +17,7 @@ BALANCE_LOSSES = ("sequence", "switch")
 QK_NORMS = ("none", "full", "per_head")
 ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_triton", "pallas_mosaic_gpu", None)
 MSA_SELECTIONS = ("max_heads", "per_group")
+MSA_DECODE_SELECTIONS = ("exact", "mean", "minmax")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the device mesh's axes (see sharding.py)
 # Fields documented as taking None. They are typed references (str), so the command line can set
 # them to a string even when the default is None, and `resolve_cli_none` turns "None" into None.
@@ -70,6 +71,12 @@ def model_defaults() -> ml_collections.ConfigDict:
       selection="per_group",   # per_group: top-k per GQA group (MSA paper; transformers 5.x
                                # reference); max_heads: max over index heads, then one top-k
       kl_loss_weight=0.0,      # weight of the indexer KL loss in the training loss
+      # Decode-time block choice (T == 1 over a cache): exact reads every cached index key;
+      # mean / minmax score complete past blocks from per-block summaries of the index keys kept
+      # in the cache (mean key, or Quest's per-channel min/max bound), reading ~1/block_size of
+      # them: an approximation of the exact top-k (benchmarks/summary_recall.py measures its
+      # recall). Training, evaluation and prefill are always exact.
+      decode_selection="exact",
   ))
   m.moba = ml_collections.ConfigDict(dict(block_size=64, top_k=4))
   m.moe = ml_collections.ConfigDict(dict(
@@ -238,6 +245,9 @@ def validate_model(m: ml_collections.ConfigDict, *, prefix: str = "model", seq_l
       _fail(f"{prefix}.msa.index_head_dim", f"must be positive and even, got {m.msa.index_head_dim}")
     if m.msa.selection not in MSA_SELECTIONS:
       _fail(f"{prefix}.msa.selection", f"unknown {m.msa.selection!r}; expected one of {MSA_SELECTIONS}")
+    if m.msa.get("decode_selection", "exact") not in MSA_DECODE_SELECTIONS:
+      _fail(f"{prefix}.msa.decode_selection", f"unknown {m.msa.decode_selection!r}; expected one "
+            f"of {MSA_DECODE_SELECTIONS}")
   if "moba" in types and (m.moba.block_size <= 0 or m.moba.top_k <= 0):
     _fail(f"{prefix}.moba", "block_size and top_k must be positive")
   e = m.moe

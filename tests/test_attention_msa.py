@@ -17,12 +17,10 @@ from test_attention import B, D, build, close, decode, forward, inputs, small_cf
 T = 64
 
 
-def naive_msa(m, x, cfg):
-  """Allowed keys per (batch, group, query), index scores [B, K, T, T] and main q/k/v."""
-  q, k, v = naive.qkv(m, x, cfg)
+def naive_index(m, x, cfg):
+  """Index queries [B, T, K, I] and keys [B, T, I] in float64, positions 0..T-1."""
   xs = naive.np_(x)
-  mc, kh = cfg.msa, cfg.num_kv_heads
-  assert mc.index_head_dim >= cfg.rotary_dim  # HF rotates the index dims with the main rope
+  assert cfg.msa.index_head_dim >= cfg.rotary_dim  # HF rotates the index dims with the main rope
   pos = np.arange(x.shape[1], dtype=np.float64)
   iq = np.einsum("btd,dki->btki", xs, naive.np_(m.indexer.q_proj.kernel[...]))
   ik = np.einsum("btd,di->bti", xs, naive.np_(m.indexer.k_proj.kernel[...]))[:, :, None]
@@ -30,6 +28,14 @@ def naive_msa(m, x, cfg):
   ik = naive.rmsnorm(ik, naive.np_(m.indexer.k_norm.scale[...]), cfg.norm_eps, cfg.norm_zero_centered)
   iq = np.stack([naive.rope(a, pos, cfg.rotary_dim, cfg.rope_theta) for a in iq])
   ik = np.stack([naive.rope(a, pos, cfg.rotary_dim, cfg.rope_theta) for a in ik])[:, :, 0]
+  return iq, ik
+
+
+def naive_msa(m, x, cfg):
+  """Allowed keys per (batch, group, query), index scores [B, K, T, T] and main q/k/v."""
+  q, k, v = naive.qkv(m, x, cfg)
+  mc, kh = cfg.msa, cfg.num_kv_heads
+  iq, ik = naive_index(m, x, cfg)
   s = np.einsum("btki,bsi->bkts", iq, ik)
   bs, t = mc.block_size, x.shape[1]
   table = {}

@@ -346,7 +346,7 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
                          implementation=None, interpret=False, force_own=False):
   """Block scores [B, K, C] f32 from `BlockSummaries`: kind 'mean' (MoBA: group-mean query .
   block mean key) or 'minmax' (Quest bound, max over the group's heads); -inf off the complete
-  blocks before the new token's block. force_own: that block scores +inf (the selection keeps
+  blocks before the new token's block. Only the kind's arrays are read (the others may be None). force_own: that block scores +inf (the selection keeps
   it; the Triton kernel writes it)."""
   if kind not in SUMMARY_KINDS:
     raise ValueError(f"kind must be one of {SUMMARY_KINDS}, got {kind!r}")
@@ -356,13 +356,16 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
   _check_block("block_size", block_size)
   b, n, h = q_BNH.shape
-  c, kh = summaries.mean_BCKH.shape[1], summaries.mean_BCKH.shape[2]
-  if summaries.mean_BCKH.shape != (b, c, kh, h):
-    raise ValueError(f"summaries.mean_BCKH shape {summaries.mean_BCKH.shape} must be [B={b}, C, K, H={h}]")
+  names = ("mean_BCKH",) if kind == "mean" else ("min_BCKH", "max_BCKH")
+  arrays = tuple(getattr(summaries, name) for name in names)  # the kind's arrays only
+  c, kh = arrays[0].shape[1], arrays[0].shape[2]
+  for name, x in zip(names, arrays):
+    if getattr(x, "shape", None) != (b, c, kh, h):
+      raise ValueError(f"summaries.{name} shape {getattr(x, 'shape', None)} must be "
+                       f"[B={b}, C, K, H={h}]")
   g = n // kh
   bs = block_sizes or BlockSizes()
   lengths_B = lengths_B.astype(jnp.int32)
-  arrays = (summaries.mean_BCKH,) if kind == "mean" else (summaries.min_BCKH, summaries.max_BCKH)
 
   def kernel(impl):
     mod = _module(impl)
@@ -394,6 +397,46 @@ def summary_block_scores(q_BNH, summaries, lengths_B, *, kind, block_size, block
                                                    lengths_B, block_size=block_size)
     out = _force(out, lengths_B, block_size, int(force_own))
   return out
+
+
+def msa_summary_block_scores(index_q_BKI, summaries, lengths_B, *, kind, block_size,
+                             selection="per_group", block_sizes=None, implementation=None,
+                             interpret=False):
+  """Approximate MSA block scores [B, K, C] f32 from summaries of the shared index keys
+  (`BlockSummaries`, [B, C, 1, I]: the index key as one kv head) for the new token's index
+  queries [B, K, I]: kind 'mean' or 'minmax' (Quest bound), -inf off complete past blocks, and
+  for selection 'max_heads' the max over the K groups (broadcast back to K). Unforced: the
+  selection (`select_top_blocks`) forces the local blocks, as for `msa_block_scores`.
+
+  On the kernels only ('minmax', 'max_heads'): the K index queries are the G query rows of the
+  one kv head, and `summary_block_scores` takes their max, the 'max_heads' score. Every other
+  case is the jnp reference in all implementations: a per-group score is one [K, I] x [C, I]
+  einsum, which the summary kernels (one score per kv head, a mean or max over its rows) would
+  only serve with the summaries copied K times.
+  """
+  if kind not in SUMMARY_KINDS:
+    raise ValueError(f"kind must be one of {SUMMARY_KINDS}, got {kind!r}")
+  if selection not in ("per_group", "max_heads"):
+    raise ValueError(f"selection must be 'per_group' or 'max_heads', got {selection!r}")
+  if getattr(index_q_BKI, "ndim", None) != 3:
+    raise ValueError(f"index_q must be [B, K, I], got {getattr(index_q_BKI, 'shape', None)}")
+  b, kh, i = index_q_BKI.shape
+  for name in (("mean_BCKH",) if kind == "mean" else ("min_BCKH", "max_BCKH")):
+    x = getattr(summaries, name)
+    if getattr(x, "ndim", None) != 4 or x.shape[0] != b or x.shape[2:] != (1, i):
+      raise ValueError(f"summaries.{name} must be [B={b}, C, 1, I={i}], got "
+                       f"{getattr(x, 'shape', None)}")
+  lengths_B = lengths_B.astype(jnp.int32)
+  if kind == "minmax" and selection == "max_heads":
+    scores_B1C = summary_block_scores(index_q_BKI, summaries, lengths_B, kind=kind,
+                                      block_size=block_size, block_sizes=block_sizes,
+                                      implementation=implementation, interpret=interpret)
+    return jnp.broadcast_to(scores_B1C, (b, kh, scores_B1C.shape[-1]))
+  scores_BKC = reference.msa_summary_block_scores_reference(index_q_BKI, summaries, lengths_B,
+                                                            kind=kind, block_size=block_size)
+  if selection == "max_heads":
+    scores_BKC = jnp.broadcast_to(scores_BKC.max(axis=1, keepdims=True), scores_BKC.shape)
+  return scores_BKC
 
 
 def summary_decode(q_BNH, k_BSKH, v_BSKH, lengths_B, summaries, *, kind="mean", block_size=128,

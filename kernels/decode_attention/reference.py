@@ -193,3 +193,21 @@ def quest_block_scores_reference(q_BNH, min_BCKH, max_BCKH, lengths_B, *, block_
                 + jnp.einsum("BKGH,BCKH->BKGC", qneg, min_BCKH.astype(jnp.float32)))
   scores_BKC = bound_BKGC.max(axis=2)
   return jnp.where(_past_blocks_BC(lengths_B, c, block_size)[:, None], scores_BKC, -jnp.inf)
+
+
+def msa_summary_block_scores_reference(index_q_BKI, summaries, lengths_B, *, kind, block_size):
+  """Approximate MSA block scores [B, K, C] f32 per index group from summaries of the shared
+  index keys (`BlockSummaries` with one kv head: [B, C, 1, I]): kind 'mean' q_k . mean key,
+  'minmax' Quest's bound sum_i max(q_ki * min_i, q_ki * max_i) >= the block's exact max score;
+  -inf off complete past blocks. One einsum against the [C, I] summaries for all K groups."""
+  c = (summaries.mean_BCKH if kind == "mean" else summaries.min_BCKH).shape[1]
+  q_BKI = index_q_BKI.astype(jnp.float32)
+  if kind == "mean":
+    mean_BCI = summaries.mean_BCKH[:, :, 0].astype(jnp.float32)
+    scores_BKC = jnp.einsum("BKI,BCI->BKC", q_BKI, mean_BCI)
+  else:
+    min_BCI = summaries.min_BCKH[:, :, 0].astype(jnp.float32)
+    max_BCI = summaries.max_BCKH[:, :, 0].astype(jnp.float32)
+    scores_BKC = (jnp.einsum("BKI,BCI->BKC", jnp.maximum(q_BKI, 0.0), max_BCI)
+                  + jnp.einsum("BKI,BCI->BKC", jnp.minimum(q_BKI, 0.0), min_BCI))
+  return jnp.where(_past_blocks_BC(lengths_B, c, block_size)[:, None], scores_BKC, -jnp.inf)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mixtral_jax.kernels.decode_attention.reference import BlockSummaries, block_summaries
+
 # Positions of unwritten cache slots: larger than any real position, so causality hides them.
 EMPTY_POSITION = 2 ** 30
 
@@ -106,9 +108,34 @@ class RingCache:
 
 @struct.dataclass
 class MSACache:
-  """Main keys/values plus the indexer's key per position (slot s = position s)."""
+  """Main keys/values plus the indexer's key per position (slot s = position s).
+
+  With cfg.msa.decode_selection 'mean' or 'minmax' it also keeps per-block summaries of the index
+  keys (`index_summaries`, the decode kernels' `BlockSummaries` with the shared index key as
+  their one kv head: [B, C, 1, I], C = ceil(capacity / block_size); only the kind's arrays, the
+  others None), so a decode step scores blocks by reading ~1/block_size of the index keys. A
+  block is summarized over its written slots; only complete blocks are ever scored. For 'exact'
+  both extra fields stay None / 0: the exact cache's leaves are unchanged.
+  """
   kv: KVCache
   index_k_BSI: jax.Array
+  index_summaries: BlockSummaries | None = None
+  block_size: int = struct.field(pytree_node=False, default=0)
+
+  @classmethod
+  def zeros(cls, batch, max_len, num_kv_heads, head_dim, index_dim, dtype, *,
+            decode_selection="exact", block_size=0):
+    """An empty cache; decode_selection 'mean' adds the f32 block means, 'minmax' the per-channel
+    bounds in the cache's dtype (zeros until written)."""
+    kv = KVCache.zeros(batch, max_len, num_kv_heads, head_dim, dtype)
+    index_k = jnp.zeros((batch, max_len, index_dim), dtype)
+    if decode_selection == "exact":
+      return cls(kv, index_k)
+    shape = (batch, -(-max_len // block_size), 1, index_dim)
+    summaries = (BlockSummaries(jnp.zeros(shape, jnp.float32), None, None)
+                 if decode_selection == "mean" else
+                 BlockSummaries(None, jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+    return cls(kv, index_k, summaries, block_size)
 
   @property
   def capacity(self) -> int:
@@ -119,8 +146,49 @@ class MSACache:
     return self.kv.positions
 
   def write(self, k_BTKH, v_BTKH, index_k_BTI, start):
-    return MSACache(kv=self.kv.write(k_BTKH, v_BTKH, start),
-                    index_k_BSI=_update(self.index_k_BSI, index_k_BTI, start))
+    """Writes positions start..start+T-1; with summaries, a one-token step (T == 1) re-summarizes
+    only its own block (one block of index keys read), a longer chunk (a prefill) every block."""
+    index_k_BSI = _update(self.index_k_BSI, index_k_BTI, start)
+    new = MSACache(kv=self.kv.write(k_BTKH, v_BTKH, start), index_k_BSI=index_k_BSI,
+                   index_summaries=self.index_summaries, block_size=self.block_size)
+    if self.index_summaries is None:
+      return new
+    t, old = index_k_BTI.shape[1], self.index_summaries
+    if t > 1:
+      lengths_B = jnp.full((index_k_BSI.shape[0],), start + t, jnp.int32)
+      fresh = block_summaries(index_k_BSI[:, :, None], lengths_B, block_size=self.block_size)
+      summaries = BlockSummaries(*(None if o is None else f.astype(o.dtype)
+                                   for o, f in zip(old, fresh)))
+    else:
+      summaries = _resummarize_block(old, index_k_BSI, start, self.block_size)
+    return new.replace(index_summaries=summaries)
+
+
+def _resummarize_block(summaries, k_BSI, start, bs):
+  """`summaries` with the block holding slot `start` re-summarized over its slots <= start (as
+  `block_summaries` does): a mean over all bs slots (unwritten ones count as zero), min/max over
+  the written ones. The last block of a cache that is not a whole number of blocks is shorter:
+  the slice start is clamped and the other block's slots are masked out."""
+  s = k_BSI.shape[1]
+  blk = start // bs
+  first = jnp.minimum(blk * bs, s - bs) if s >= bs else 0
+  k_BLI = jax.lax.dynamic_slice_in_dim(k_BSI, first, min(bs, s), axis=1)
+  slot_L = first + jnp.arange(min(bs, s))
+  valid_L1 = ((slot_L // bs == blk) & (slot_L <= start))[:, None]
+  new = []
+  for kind, old in zip(("mean", "min", "max"), summaries):
+    if old is None:
+      new.append(None)
+      continue
+    if kind == "mean":
+      v_BI = jnp.where(valid_L1, k_BLI.astype(jnp.float32), 0.0).sum(axis=1) / bs
+    else:
+      big = jnp.asarray(jnp.inf, k_BLI.dtype)
+      v_BI = (jnp.where(valid_L1, k_BLI, big).min(axis=1) if kind == "min"
+              else jnp.where(valid_L1, k_BLI, -big).max(axis=1))
+    new.append(jax.lax.dynamic_update_slice_in_dim(old, v_BI[:, None, None].astype(old.dtype),
+                                                   blk, axis=1))
+  return BlockSummaries(*new)
 
 
 @struct.dataclass

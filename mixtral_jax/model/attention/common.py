@@ -202,8 +202,8 @@ _DECODE_IMPLS = {"pallas_tpu": "pallas_tpu", "pallas_triton": "pallas_triton",
 
 
 def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_kv, scale,
-                msa_cfg=None, index_q_BTKI=None, index_k_BSI=None, moba_cfg=None,
-                mean_BCKH=None):
+                msa_cfg=None, index_q_BTKI=None, index_k_BSI=None, index_summaries=None,
+                moba_cfg=None, mean_BCKH=None):
   """One new token per row (T == 1) over a linear cache on the decode kernels, or None (the
   caller then takes `attention_core`'s XLA path) for attention_impl 'xla' or a cache whose
   length is not a multiple of the kernel block (logged once).
@@ -213,7 +213,10 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
   block_kv slots) without msa_cfg; with it, MSA decode: index block scores of index_q
   [B, 1, K, I] against index_k [B, S, I], top-k blocks of msa_cfg.block_size with the local
   blocks forced (per GQA group, or the max over groups for selection='max_heads', exactly as
-  `msa.msa_selection`), attention over the selected blocks only. With moba_cfg, MoBA decode:
+  `msa.msa_selection`), attention over the selected blocks only; with index_summaries (the
+  `MSACache`'s, under msa_cfg.decode_selection 'mean' | 'minmax') the block scores come from the
+  summaries instead (`msa_summary_block_scores`: on the summary kernel for 'minmax' with
+  'max_heads', jnp otherwise) and index_k is not read. With moba_cfg, MoBA decode:
   block scores from the cached block means mean_BCKH f32 [B, C, K, H] (group-mean query . mean
   key over complete past blocks, `summary_block_scores` kind 'mean'), top-k with the own block
   forced (exactly `moba.moba_selection`), attention over those blocks. On CPU the Pallas
@@ -251,10 +254,15 @@ def decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, *, implementation, block_k
                             block_sizes=da.BlockSizes(block_kv=block), **kw)
     return y_BNH[:, None]
   # msa_decode's steps, spelled out so that selection='max_heads' shares one choice over groups.
-  scores_BKC = da.msa_block_scores(index_q_BTKI[:, 0], index_k_BSI, lengths_B, block_size=block,
-                                   **kw)
-  if msa_cfg.selection == "max_heads":
-    scores_BKC = jnp.broadcast_to(scores_BKC.max(axis=1, keepdims=True), scores_BKC.shape)
+  if index_summaries is not None:
+    scores_BKC = da.msa_summary_block_scores(
+        index_q_BTKI[:, 0], index_summaries, lengths_B, kind=msa_cfg.decode_selection,
+        block_size=block, selection=msa_cfg.selection, **kw)
+  else:
+    scores_BKC = da.msa_block_scores(index_q_BTKI[:, 0], index_k_BSI, lengths_B,
+                                     block_size=block, **kw)
+    if msa_cfg.selection == "max_heads":
+      scores_BKC = jnp.broadcast_to(scores_BKC.max(axis=1, keepdims=True), scores_BKC.shape)
   indices_BKJ = da.select_top_blocks(scores_BKC, lengths_B, block_size=block,
                                      top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks,
                                      chunk=da.BlockSizes().select_chunk)

@@ -15,6 +15,14 @@ on the decode kernels (`common.decode_core`); the training forward and a prefill
 KV-outer sparse attention, and the KL over the selected tokens only), so no [T, S] tensor exists.
 Both assume slot = position (a full forward's positions are 0..T-1).
 
+Approximate decode selection (cfg.msa.decode_selection 'mean' | 'minmax', default 'exact'): a
+decode step scores the complete past blocks from per-block summaries of the index keys kept in
+the `MSACache` (the mean index key, or Quest's per-channel min/max bound), reading ~1/block_size
+of the index keys, then makes the same top-k with the local blocks forced and the same sparse
+attention. A decode-time choice only: the training forward, evaluation and a prefill (T > 1)
+stay exact. `summary_recall` measures how much of the exact top-k it keeps
+(benchmarks/summary_recall.py).
+
 KL loss (weight cfg.msa.kl_loss_weight): KL(p_main || p_idx) per query and group over the tokens
 of the selected blocks, where p_main is the main branch's attention averaged over the group's heads
 (stop-gradient) and p_idx = softmax(q_idx . k_idx / sqrt(index_head_dim)). The indexer reads a
@@ -26,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.kernels.block_sparse_attention.selection import select_blocks
+from mixtral_jax.kernels.block_sparse_attention.selection import local_blocks_mask, select_blocks
+from mixtral_jax.kernels.decode_attention.reference import block_summaries
 from mixtral_jax.model import layers
 from mixtral_jax.model.attention.cache import MSACache
 from mixtral_jax.model.attention.common import (
@@ -69,11 +78,49 @@ def msa_selection(scores_BKTS, q_positions_BT, msa_cfg):
   b, k, t, _ = scores_BKTS.shape
   blocks_BKTC = pad_to_blocks(scores_BKTS, bs, axis=-1, value=-jnp.inf).reshape(
       b, k, t, -1, bs).max(axis=-1)
+  return select_from_block_scores(blocks_BKTC, q_positions_BT, msa_cfg)
+
+
+def select_from_block_scores(blocks_BKTC, q_positions_BT, msa_cfg):
+  """Top-k of block scores [B, K, T, C] (-inf = not selectable) with the local blocks forced,
+  shared over groups for selection='max_heads': bool [B, K, T, C]."""
+  b, k = blocks_BKTC.shape[:2]
   if msa_cfg.selection == "max_heads":
     blocks_BKTC = blocks_BKTC.max(axis=1, keepdims=True)
-  mask_BKTC, _ = select_blocks(blocks_BKTC, (q_positions_BT // bs)[:, None],
+  mask_BKTC, _ = select_blocks(blocks_BKTC, (q_positions_BT // msa_cfg.block_size)[:, None],
                                top_k=msa_cfg.top_k, local_blocks=msa_cfg.local_blocks)
   return jnp.broadcast_to(mask_BKTC, (b, k) + mask_BKTC.shape[2:])
+
+
+def summary_block_scores(iq_BTKI, summaries, q_positions_BT, *, kind, block_size):
+  """Approximate block scores [B, K, T, C] f32 from summaries of the index keys
+  (`BlockSummaries` [B, C, 1, I], see `MSACache`): kind 'mean' q_idx . the block's mean index
+  key; 'minmax' Quest's bound sum_i max(q_i * min_i, q_i * max_i), an upper bound of the exact
+  block max. Only complete blocks before the query's own block are scored (-inf elsewhere: the
+  selection forces the local blocks)."""
+  q_BTKI = iq_BTKI.astype(jnp.float32)
+  if kind == "mean":
+    mean_BCI = summaries.mean_BCKH[:, :, 0].astype(jnp.float32)
+    scores_BKTC = jnp.einsum("BTKI,BCI->BKTC", q_BTKI, mean_BCI)
+  elif kind == "minmax":
+    min_BCI = summaries.min_BCKH[:, :, 0].astype(jnp.float32)
+    max_BCI = summaries.max_BCKH[:, :, 0].astype(jnp.float32)
+    scores_BKTC = (jnp.einsum("BTKI,BCI->BKTC", jnp.maximum(q_BTKI, 0.0), max_BCI)
+                   + jnp.einsum("BTKI,BCI->BKTC", jnp.minimum(q_BTKI, 0.0), min_BCI))
+  else:
+    raise ValueError(f"kind: unknown {kind!r}; expected 'mean' or 'minmax'")
+  c = scores_BKTC.shape[-1]
+  past_BTC = jnp.arange(c) < (q_positions_BT // block_size)[..., None]
+  return jnp.where(past_BTC[:, None], scores_BKTC, -jnp.inf)
+
+
+def summary_selection(iq_BTKI, summaries, q_positions_BT, msa_cfg, kind=None):
+  """The approximate (block-summary) selection bool [B, K, T, C] of cfg.msa.decode_selection
+  (or `kind`): `summary_block_scores`, then the same top-k as `msa_selection`."""
+  kind = kind or msa_cfg.decode_selection
+  blocks_BKTC = summary_block_scores(iq_BTKI, summaries, q_positions_BT, kind=kind,
+                                     block_size=msa_cfg.block_size)
+  return select_from_block_scores(blocks_BKTC, q_positions_BT, msa_cfg)
 
 
 def indexer_kl(q_BTNH, k_BSKH, scores_BKTS, mask_BKTS, *, scale: float, index_scale: float):
@@ -142,13 +189,16 @@ class MSAAttention(SoftmaxAttentionBase):
       cache = cache.write(k_BTKH, v_BTKH, ik_BTI, positions_BT[0, 0])
       k_BSKH, v_BSKH, k_pos, ik_BSI = (cache.kv.k_BSKH, cache.kv.v_BSKH, cache.positions[None],
                                        cache.index_k_BSI)
+    approximate = False
     if not full_forward and x_BTD.shape[1] == 1:
       y_BTNH = decode_core(q_BTNH, k_BSKH, v_BSKH, positions_BT,
                            implementation=self.cfg.attention_impl,
                            block_kv=self.cfg.attention_block, scale=self.scale, msa_cfg=m,
-                           index_q_BTKI=iq_BTKI, index_k_BSI=ik_BSI)
+                           index_q_BTKI=iq_BTKI, index_k_BSI=ik_BSI,
+                           index_summaries=cache.index_summaries)
       if y_BTNH is not None:
         return self.o_proj(y_BTNH), cache, {}
+      approximate = cache.index_summaries is not None
     want_kl = bool(m.kl_loss_weight) and full_forward  # the indexer trains on full forwards only
     if self.cfg.attention_impl != "xla" and x_BTD.shape[1] > 1:
       y_BTNH, kl = kernel_forward(
@@ -156,8 +206,11 @@ class MSAAttention(SoftmaxAttentionBase):
           scale=self.scale, q_offset=None if full_forward else positions_BT[0, 0], with_kl=want_kl)
       return self.o_proj(y_BTNH), cache, {"msa_kl": m.kl_loss_weight * kl} if want_kl else {}
     k_pos = jnp.broadcast_to(k_pos, (x_BTD.shape[0], k_BSKH.shape[1]))
-    scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
-    block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
+    if approximate:  # a decode step with decode_selection mean/minmax: no index key is read
+      block_mask_BKTC = summary_selection(iq_BTKI, cache.index_summaries, positions_BT, m)
+    else:
+      scores_BKTS = index_scores(iq_BTKI, ik_BSI, positions_BT, k_pos)
+      block_mask_BKTC = msa_selection(scores_BKTS, positions_BT, m)
     y_BTNH = attention_core(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                             k_positions_BS=k_pos, block_mask_BKTC=block_mask_BKTC,
                             block_kv=m.block_size, implementation=self.cfg.attention_impl)
@@ -171,6 +224,53 @@ class MSAAttention(SoftmaxAttentionBase):
     return self.o_proj(y_BTNH), cache, losses
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> MSACache:
-    dtype = dtype or self.dtype
-    return MSACache(kv=super().init_cache(batch, max_len, dtype),
-                    index_k_BSI=jnp.zeros((batch, max_len, self.cfg.msa.index_head_dim), dtype))
+    m = self.cfg.msa
+    return MSACache.zeros(batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim,
+                          m.index_head_dim, dtype or self.dtype,
+                          decode_selection=m.get("decode_selection", "exact"),
+                          block_size=m.block_size)
+
+
+def summary_recall(index_q_BTKI, index_k_BSI, q_positions_BT, msa_cfg, kind, *, chunk=32):
+  """How much of MSA's exact top-k the block-summary selection `kind` ('mean' | 'minmax') keeps.
+
+  index_q_BTKI: the index queries of T (sampled) query tokens at q_positions_BT int32 [B, T];
+  index_k_BSI: the index keys of the whole sequence (slot s = position s, S > every query
+  position). Complete blocks are summarized once (`block_summaries`: a complete block's summary
+  is the same whatever the query). For each (row, group, query): E = the exact selection
+  (`msa_selection`), A = the summary selection (`summary_selection`), F = the forced local blocks
+  (in both). Queries are scored `chunk` at a time ([B, K, chunk, S] f32 index scores at most).
+  Returns f32 scalars: recall = sum |E & A| / sum |E|; recall_unforced = sum |(E & A) - F| /
+  sum |E - F| (the forced blocks are recalled trivially); exact_unforced = mean |E - F|, the
+  number of blocks per (query, group) that recall_unforced is over.
+  """
+  bs = msa_cfg.block_size
+  b, t = q_positions_BT.shape
+  s = index_k_BSI.shape[1]
+  summaries = block_summaries(index_k_BSI[:, :, None], jnp.full((b,), s, jnp.int32),
+                              block_size=bs)
+  k_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  n = -(-t // chunk)
+  valid_BT = jnp.arange(n * chunk) < t
+  pad = lambda x: pad_to_blocks(x, chunk, axis=1)
+  iq_NBCKI = jnp.moveaxis(pad(index_q_BTKI).reshape(b, n, chunk, *index_q_BTKI.shape[2:]), 1, 0)
+  pos_NBC = jnp.moveaxis(pad(q_positions_BT).reshape(b, n, chunk), 1, 0)
+  valid_NC = valid_BT.reshape(n, chunk)
+
+  def counts(args):
+    iq_BTKI, pos_BT, valid_T = args
+    exact_BKTC = msa_selection(index_scores(iq_BTKI, index_k_BSI, pos_BT, k_pos_BS), pos_BT,
+                               msa_cfg)
+    approx_BKTC = summary_selection(iq_BTKI, summaries, pos_BT, msa_cfg, kind)
+    c = exact_BKTC.shape[-1]
+    free_BKTC = ~local_blocks_mask((pos_BT // bs)[:, None], c, msa_cfg.local_blocks)
+    exact_BKTC &= valid_T[None, None, :, None]
+    hit_BKTC = exact_BKTC & approx_BKTC
+    return jnp.stack([hit_BKTC.sum(), exact_BKTC.sum(), (hit_BKTC & free_BKTC).sum(),
+                      (exact_BKTC & free_BKTC).sum()]).astype(jnp.float32)
+
+  hit, total, hit_free, total_free = jax.lax.map(counts, (iq_NBCKI, pos_NBC, valid_NC)).sum(0)
+  groups = b * index_q_BTKI.shape[2] * t
+  return {"recall": hit / total,
+          "recall_unforced": jnp.where(total_free > 0, hit_free / total_free, jnp.nan),
+          "exact_unforced": total_free / groups}
