@@ -7,6 +7,7 @@
 set -u
 : "${REPO:?set REPO}" "${JOB_OUT:?set JOB_OUT}" "${VARIANT:?}" "${SEED:?}" "${REF_RUN:?}"
 WD=${WD:-/tmp/rerun}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${RERUN_MEM_FRACTION:-0.1}  # leaves the GPU to jobs alongside
 rm -rf "$WD"; mkdir -p "$JOB_OUT"
 cd /tmp
 start=$(date +%s)
