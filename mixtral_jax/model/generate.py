@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,39 @@ def decode_step(model, tokens_B1, position: int | jax.Array, cache):
   positions = jnp.full((B, 1), position, jnp.int32)
   logits, cache = _forward_cached(model, tokens_B1, cache, positions)
   return logits[:, -1], cache
+
+
+def _state_decode_step(graphdef):
+  """`decode_step` as a plain jax.jit of (state, tokens, cache, positions) for one graphdef."""
+  @functools.partial(jax.jit, donate_argnums=(2,))
+  def step(state, tokens_B1, cache, positions_B1):
+    logits, cache, _ = nnx.merge(graphdef, state).forward(tokens_B1, positions_B1, cache)
+    return logits[:, -1], cache
+  return step
+
+
+# model -> (graphdef, jitted step): a later generate() on the same model reuses the compiled
+# step while the model's structure is unchanged (its parameters may have changed: they are an
+# argument). A GraphDef holds the ConfigDict, so it can be compared but not hashed.
+_DECODERS = weakref.WeakKeyDictionary()
+
+
+class _Decoder:
+  """`decode_step` for a loop over one model: the model is split once, so each step is one
+  jax.jit call. (nnx.jit flattens the model's graph on every call: on the H200 that was ~9 ms
+  of a 10 ms decode step of a 4-layer model at M2 dims, benchmarks/decode_model.py.) The model
+  must not change while the decoder is used."""
+
+  def __init__(self, model):
+    graphdef, self.state = nnx.split(model)
+    cached = _DECODERS.get(model)
+    if cached is None or cached[0] != graphdef:
+      cached = _DECODERS[model] = (graphdef, _state_decode_step(graphdef))
+    self.step = cached[1]
+
+  def __call__(self, tokens_B1, position, cache):
+    positions = jnp.full((tokens_B1.shape[0], 1), position, jnp.int32)
+    return self.step(self.state, tokens_B1, cache, positions)
 
 
 def _check_sampling(temperature, top_p):
@@ -134,6 +168,7 @@ def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: fl
     return _generate_ragged(model, prompt_BT, lengths, max_new_tokens, rng, max_len, pad_id,
                             temperature=temperature, top_p=top_p)
   logits, cache = prefill(model, prompt_BT, max_len)
+  step_fn = _Decoder(model)
   out = [prompt_BT]
   next_logits = logits[:, -1]
   for step in range(max_new_tokens):
@@ -141,7 +176,7 @@ def generate(model, prompt_BT, max_new_tokens: int, *, rng=None, temperature: fl
     token_B = sample(next_logits, key, temperature=temperature, top_p=top_p)
     out.append(token_B[:, None])
     if step + 1 < max_new_tokens:
-      next_logits, cache = decode_step(model, token_B[:, None], T + step, cache)
+      next_logits, cache = step_fn(token_B[:, None], T + step, cache)
   return jnp.concatenate(out, axis=1)
 
 
@@ -157,6 +192,7 @@ def _generate_ragged(model, prompt_BT, lengths, max_new_tokens, rng, max_len, pa
   L0 = int(lengths.min())
   total = int(lengths.max()) + max_new_tokens  # output positions 0..total-1
   logits, cache = prefill(model, prompt_BT[:, :L0], max_len)
+  step_fn = _Decoder(model)
   next_logits = logits[:, -1]
   out = [prompt_BT[:, :L0]]
   for p in range(L0, total):
@@ -168,5 +204,5 @@ def _generate_ragged(model, prompt_BT, lengths, max_new_tokens, rng, max_len, pa
     out.append(jnp.where(p < end_B, token_B, pad_id)[:, None])
     if p + 1 < total:
       # Rows past their end keep decoding their own samples: harmless, masked to pad_id above.
-      next_logits, cache = decode_step(model, token_B[:, None], p, cache)
+      next_logits, cache = step_fn(token_B[:, None], p, cache)
   return jnp.concatenate(out, axis=1), end_B
