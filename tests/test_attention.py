@@ -65,8 +65,9 @@ def forward(m, x, pos):
   return y, losses
 
 
-def decode(m, x, chunks, max_len):
-  """Feeds x through the cache in chunks (a prefill chunk first, then more); returns all y."""
+def decode(m, x, chunks, max_len, *, return_cache=False):
+  """Feeds x through the cache in chunks (a prefill chunk first, then more); returns all y (and
+  the final cache with return_cache)."""
   step = nnx.jit(lambda m, x, p, c: m(x, p, c)[:2])
   cache = m.init_cache(x.shape[0], max_len, jnp.float32)
   ys, start = [], 0
@@ -76,7 +77,8 @@ def decode(m, x, chunks, max_len):
     ys.append(y)
     start += n
   assert start == x.shape[1]
-  return jnp.concatenate(ys, axis=1)
+  y = jnp.concatenate(ys, axis=1)
+  return (y, cache) if return_cache else y
 
 
 def close(a, b, tol=2e-5):

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import attention_naive as naive
 from mixtral_jax import config as config_lib
@@ -19,7 +18,7 @@ from mixtral_jax.kernels import decode_attention as da
 from mixtral_jax.kernels.decode_attention import api as da_api
 from mixtral_jax.model.attention import msa
 from mixtral_jax.model.attention.cache import KVCache, MSACache
-from test_attention import build, close, inputs, small_cfg
+from test_attention import build, close, decode, inputs, small_cfg
 from test_attention_msa import naive_index, naive_msa
 
 T = 64
@@ -37,6 +36,18 @@ def test_config_names_the_bad_decode_selection():
     config_lib.validate_model(m)
 
 
+def summary_scores(q_KI, k_SI, i, bs, kind):
+  """[K, i // bs + 1] block scores of a query at position i: complete past blocks from their mean
+  index key (kind 'mean') or Quest's bound sum max(q min, q max) ('minmax'); -inf elsewhere."""
+  block = np.full((q_KI.shape[0], i // bs + 1), -np.inf)
+  for c in range(i // bs):
+    keys = k_SI[c * bs:(c + 1) * bs]
+    for g, q in enumerate(q_KI):
+      block[g, c] = (q @ keys.mean(0) if kind == "mean" else
+                     np.sum(np.maximum(q * keys.min(0), q * keys.max(0))))
+  return block
+
+
 def naive_summary_table(m, x, cfg, kind, rows):
   """Allowed keys per (batch, group, query) for the query positions `rows` under the summary
   selection: complete past blocks scored from their mean / min-max index key, local blocks forced."""
@@ -45,31 +56,13 @@ def naive_summary_table(m, x, cfg, kind, rows):
   table = {}
   for b in range(x.shape[0]):
     for i in rows:
-      block = np.full((kh, i // bs + 1), -np.inf)
-      for c in range(i // bs):
-        keys = ik[b, c * bs:(c + 1) * bs]
-        for g in range(kh):
-          q = iq[b, i, g]
-          block[g, c] = (q @ keys.mean(0) if kind == "mean" else
-                         np.sum(np.maximum(q * keys.min(0), q * keys.max(0))))
+      block = summary_scores(iq[b, i], ik[b], i, bs, kind)
       if mc.selection == "max_heads":
         block = np.broadcast_to(block.max(0), block.shape)
       forced = [max(i // bs - l, 0) for l in range(mc.local_blocks)]
       for g in range(kh):
         table[b, g, i] = naive.blocks_to_keys(naive.top_blocks(block[g], forced, mc.top_k), bs, i)
   return table
-
-
-def decode_with_cache(m, x, chunks, max_len):
-  step = nnx.jit(lambda m, x, p, c: m(x, p, c)[:2])
-  cache = m.init_cache(x.shape[0], max_len, jnp.float32)
-  ys, start = [], 0
-  for n in chunks:
-    pos = jnp.broadcast_to(jnp.arange(start, start + n, dtype=jnp.int32), (x.shape[0], n))
-    y, cache = step(m, x[:, start:start + n], pos, cache)
-    ys.append(y)
-    start += n
-  return jnp.concatenate(ys, axis=1), cache
 
 
 @pytest.mark.parametrize("impl,kind,selection,local_blocks,max_len", [
@@ -94,7 +87,7 @@ def test_summary_decode_matches_reference(impl, kind, selection, local_blocks, m
       "msa.local_blocks": local_blocks, "msa.top_k": max(2, local_blocks + 1)})
   m = build(cfg, "msa")
   x, _ = inputs(T, seed=5)
-  y, cache = decode_with_cache(m, x, CHUNKS, max_len)
+  y, cache = decode(m, x, CHUNKS, max_len, return_cache=True)
 
   rows = np.cumsum((0,) + CHUNKS)[:-1][np.asarray(CHUNKS) == 1]  # the decode steps' positions
   exact, _, q, k, v = naive_msa(m, x, cfg)
@@ -156,13 +149,7 @@ def brute_force_recall(iq, ik, positions, mc, kind):
       nblk = i // bs + 1
       ex = np.array([[max(iq[b, j, g] @ ik[b, n] for n in range(c * bs, min((c + 1) * bs, i + 1)))
                       for c in range(nblk)] for g in range(kh)])
-      ap = np.full((kh, nblk), -np.inf)
-      for c in range(i // bs):
-        keys = ik[b, c * bs:(c + 1) * bs]
-        for g in range(kh):
-          q = iq[b, j, g]
-          ap[g, c] = (q @ keys.mean(0) if kind == "mean" else
-                      np.sum(np.maximum(q * keys.min(0), q * keys.max(0))))
+      ap = summary_scores(iq[b, j], ik[b], i, bs, kind)
       if mc.selection == "max_heads":
         ex, ap = ex.max(0, keepdims=True).repeat(kh, 0), ap.max(0, keepdims=True).repeat(kh, 0)
       forced = [max(i // bs - l, 0) for l in range(mc.local_blocks)]

@@ -166,6 +166,17 @@ def route_local(gate, x_ND):
   return idx_NK, w_NK, logits_NE, scores_NE
 
 
+@functools.lru_cache(maxsize=64)
+def _ep_program(mesh, tok, w_in, w_out, act, impl, gmm_impl, tensor_axis):
+  """The jitted shard_map of `ep_experts_local`, one per (mesh, specs, activation, exchange, matmul): called eagerly (model(tokens) outside any jit), a bare shard_map runs its body primitive
+  by primitive, one compile each (~2000 for a 4-layer model, 90 s on CPU); jitted it is one compile,
+  and a cached program is not recompiled on the next eager call. Inside a jitted step it is inlined."""
+  body = functools.partial(ep_experts_local, act=act, impl=impl, gmm_impl=gmm_impl,
+                           tensor_axis=tensor_axis)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                               out_specs=tok, check_vma=False))
+
+
 def ep_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, *, act, all_to_all=None,
                gmm_impl=None):
   """Expert-parallel `moe.dropless_experts` on the current mesh (jax.set_mesh). Global arrays in,
@@ -181,14 +192,8 @@ def ep_experts(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD, *, act, all_to_al
     raise ValueError(f"moe.num_experts: {gate_EDF.shape[0]} experts do not split over "
                      f"expert={mesh.shape['expert']} devices")
   impl = resolve_all_to_all(all_to_all, mesh_platform())
-  tok = P(batch, None)
-  w_in = logical_to_spec(("expert", None, "expert_mlp"))   # the FSDP dim is gathered here
-  w_out = logical_to_spec(("expert", "expert_mlp", None))
-  body = functools.partial(ep_experts_local, act=act, impl=impl, gmm_impl=gmm_impl,
-                           tensor_axis="tensor" if mesh.shape.get("tensor", 1) > 1 else None)
-  # jit: called eagerly (model(tokens) outside any jit), a bare shard_map runs its body primitive
-  # by primitive, one compile each (~2000 for a 4-layer model, 90 s on CPU); jitted it is one.
-  # Inside a jitted step the jit is inlined.
-  local = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                                out_specs=tok, check_vma=False))
+  local = _ep_program(mesh, P(batch, None),
+                      logical_to_spec(("expert", None, "expert_mlp")),  # FSDP dim gathered here
+                      logical_to_spec(("expert", "expert_mlp", None)), act, impl, gmm_impl,
+                      "tensor" if mesh.shape.get("tensor", 1) > 1 else None)
   return local(x_ND, idx_NK, w_NK, gate_EDF, up_EDF, down_EFD)
